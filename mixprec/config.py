@@ -1,0 +1,192 @@
+"""Run configuration: the frozen :class:`RunConfig`, its command line, and its validation.
+
+Everything a run varies is one field here, and ``config.json`` is ``asdict(cfg)``.
+Options that depend on the device (``--device auto``, ``--amp-dtype auto``,
+``--half-compute auto``) stay as given in the config; the resolved values are
+recorded next to them in ``summary.json`` by the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, fields
+
+MODES = ("baseline", "amp", "manual")
+SCHEDULES = ("step", "cosine", "cosine-restarts")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+HALF_COMPUTES = ("auto", "native", "emulated")
+
+
+class UsageError(Exception):
+    """Bad input from the user. The CLI prints its message as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run. Defaults follow the seed thesis (Oreč 2021): SGD, lr 0.1,
+    momentum 0.9, batch 128, lr halved every 20 epochs, 50 epochs."""
+
+    mode: str
+    model: str = "resnet18"
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    seed: int = 0
+    device: str = "auto"
+    amp_dtype: str = "auto"
+    half_compute: str = "auto"
+    data: str | None = None
+    subset: int | None = None
+    test_subset: int | None = None
+    out: str = "results"
+
+    def __post_init__(self):
+        check = _Checker()
+        check.choice("mode", self.mode, MODES)
+        from .models import MODELS  # late: models imports torchvision
+
+        check.choice("model", self.model, tuple(MODELS))
+        check.choice("schedule", self.schedule, SCHEDULES)
+        check.choice("device", self.device, DEVICES)
+        check.choice("amp-dtype", self.amp_dtype, AMP_DTYPES)
+        check.choice("half-compute", self.half_compute, HALF_COMPUTES)
+        for name in ("epochs", "batch_size"):
+            check.positive_int(name, getattr(self, name))
+        for name in ("subset", "test_subset"):
+            if getattr(self, name) is not None:
+                check.positive_int(name, getattr(self, name))
+        check.positive_float("lr", self.lr)
+        check.nonnegative_float("momentum", self.momentum)
+        check.nonnegative_float("weight_decay", self.weight_decay)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"--seed must be a non-negative integer, got {self.seed!r}")
+
+
+class _Checker:
+    """Validation for programmatic construction; the CLI's argparse types catch most of it first."""
+
+    @staticmethod
+    def choice(name, value, allowed):
+        if value not in allowed:
+            raise UsageError(f"unknown --{name} {value!r}: choose one of {', '.join(allowed)}")
+
+    @staticmethod
+    def positive_int(name, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+    @staticmethod
+    def positive_float(name, value):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+
+    @staticmethod
+    def nonnegative_float(name, value):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a non-negative number, got {value!r}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (no usage dump) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import MODELS
+
+    p = _OneLineParser(
+        prog="python -m mixprec.run",
+        description="Train one CNN on CIFAR-10 in one precision mode and write a run directory "
+        "(config.json, env.json, epochs.csv, confusion_matrix.csv, summary.json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--mode", required=True, choices=MODES,
+                   help="baseline: FP32. amp: torch.autocast + torch.amp.GradScaler. "
+                   "manual: FP16 model, FP32 BatchNorm, FP32 master weights, dynamic loss scaler.")
+    p.add_argument("--model", default="resnet18", choices=tuple(MODELS),
+                   help="architecture, adapted to 32x32 inputs (resnet20 is the one that trains in "
+                   "minutes on a CPU)")
+    p.add_argument("--epochs", type=_positive_int, default=50, help="training epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="training batch size")
+    p.add_argument("--lr", type=_positive_float, default=0.1, help="SGD learning rate")
+    p.add_argument("--momentum", type=_nonnegative_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--schedule", choices=SCHEDULES, default="step",
+                   help="step: lr halved every 20 epochs (seed thesis); cosine: cosine annealing to 0 "
+                   "over the run; cosine-restarts: cosine annealing with warm restarts every 10, 20, "
+                   "40... epochs (EfficientNet thesis)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0,
+                   help="seed for initial weights, batch order and augmentation")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
+                   help="autocast dtype in amp mode. auto: float16 on CUDA, bfloat16 on CPU (CPU float16 "
+                   "kernels are ~20x slower). bfloat16 uses no loss scaler.")
+    p.add_argument("--half-compute", choices=HALF_COMPUTES, default="auto",
+                   help="FP16 convolutions/linears in manual mode. native: PyTorch's FP16 kernels. "
+                   "emulated: FP16 operands, FP32 accumulation, FP16 results and saved tensors, as "
+                   "tensor cores do, computed with FP32 kernels. auto: native on CUDA, emulated on CPU.")
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10: a directory holding cifar-10-batches-py/, or an image-folder tree "
+                   "train/<class>/*, test/<class>/* (or a .tar/.tar.gz of one). Default: $MIXPREC_DATA, "
+                   "else ~/.cache/mixprec/cifar10, downloaded there by torchvision if absent.")
+    p.add_argument("--subset", type=_positive_int, default=None,
+                   help="train on only N images of the 45,000-image training split, stratified by class")
+    p.add_argument("--test-subset", type=_positive_int, default=None,
+                   help="evaluate on a stratified N-image subset of the test set (quick runs only; "
+                   "recorded in the summary)")
+    p.add_argument("--out", default="results", help="results directory; the run goes to OUT/runs/<name>/")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse a command line into a validated :class:`RunConfig` (argparse exits 2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    names = {f.name for f in fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in vars(args).items() if k in names})

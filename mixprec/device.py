@@ -1,0 +1,81 @@
+"""The one place that knows CUDA from CPU: device choice, synchronization, peak memory, device names.
+
+Everything else in mixprec is device-agnostic tensor code.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from .config import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without CUDA is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UsageError(f"--device cuda was asked for but {why}; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def configure(device: torch.device) -> None:
+    """Per-device speed settings: let cuDNN pick the fastest convolution for our fixed shapes."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that wall-clock time covers the work (a host sync on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Synchronized wall-clock timer: ``with Timer(device) as t: ...; t.seconds``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self):
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak. On CPU the process's peak resident set cannot be reset; it covers the run."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: ``max_memory_allocated`` since the last reset. CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

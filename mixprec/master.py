@@ -1,0 +1,60 @@
+"""FP32 master weights for a half-precision model (Micikevicius et al. 2018, section 3.1).
+
+The forward and backward passes run in the half model; the optimizer owns FP32 copies of the
+parameters, so that an update much smaller than the weight (``1 + 1e-4`` is ``1`` in FP16) still
+accumulates. Three steps, as in apex's ``fp16_utils``: make the copies (:class:`MasterWeights`),
+move the gradients in (done by :meth:`DynamicLossScaler.unscale_`, which unscales them on the
+way), and copy the updated weights back (:meth:`MasterWeights.copy_to_model_`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def half_with_fp32_norm_(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Cast ``model`` to ``dtype`` in place, keeping normalization layers in FP32.
+
+    BatchNorm's running variance and its sums over a whole batch lose too much in FP16; the FP32
+    layers take the FP16 activations and return FP16 ones (PyTorch's mixed-type batch norm)."""
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, _NORM_LAYERS):
+            m.float()
+    return model
+
+
+class MasterWeights:
+    """FP32 master copies of a model's parameters, made before the model is cast to half.
+
+    Making the copies from the FP32 model keeps the manual mode's initial weights bit-identical to
+    the baseline's; the half model then holds those weights rounded to ``dtype``.
+
+    Example::
+
+        master = MasterWeights(model)          # model still FP32
+        half_with_fp32_norm_(model)            # now the model runs in FP16
+        opt = torch.optim.SGD(master.params, lr=0.1)
+        ...                                    # backward, scaler.unscale_(master.model_params, master.params)
+        opt.step(); master.copy_to_model_()
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [nn.Parameter(p.detach().clone().float()) for p in self.model_params]
+
+    @torch.no_grad()
+    def copy_to_model_(self) -> None:
+        """Round the FP32 master weights into the model's (half or FP32) parameters."""
+        torch._foreach_copy_(self.model_params, self.params)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.params]
+
+    @torch.no_grad()
+    def load_state_dict(self, state: list[torch.Tensor]) -> None:
+        torch._foreach_copy_(self.params, list(state))
+        self.copy_to_model_()

@@ -1,0 +1,115 @@
+"""``python -m mixprec.run --mode baseline|amp|manual``: train one model in one mode, write its run directory.
+
+Writes ``config.json``, ``env.json`` and ``train.log`` first, ``epochs.csv`` after every epoch,
+and ``confusion_matrix.csv`` and ``summary.json`` at the end. Bad input ends with a one-line
+error and exit code 2; a diverged run with ``status: failed`` in its summary and exit code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .config import UsageError, parse_args
+from .data import load_cifar10, make_splits
+from .device import resolve_device
+from .results import create_run_dir, environment, write_csv, write_json
+from .train import RunResult, train
+
+PROG = "mixprec.run"
+
+
+def summary(cfg, result: RunResult, splits) -> dict:
+    s = {
+        "status": result.status,
+        "error": result.error,
+        "mode": cfg.mode,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "epochs_completed": len(result.epochs),
+        "device": result.device,
+        "amp_dtype": result.amp_dtype,
+        "half_compute": result.half_compute,
+        "params": result.params,
+        "train_images": len(splits.train[1]),
+        "val_images": len(splits.val[1]),
+        "test_images": len(splits.test[1]),
+        "subset": cfg.subset,
+        "test_subset": cfg.test_subset,
+        "train_time_s": result.train_time_s,
+        "images_per_s": result.train_images / result.train_time_s if result.train_time_s else None,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "skipped_steps": result.skipped_steps if cfg.mode != "baseline" else None,
+        "final_loss_scale": result.final_loss_scale,
+        "test_accuracy": None,
+        "test_loss": None,
+        "per_class_accuracy": None,
+        "confusion_matrix": None,
+    }
+    if result.epochs:
+        s["final_val_accuracy"] = result.epochs[-1]["val_acc"]
+    if result.test:
+        s.update(test_accuracy=result.test["accuracy"], test_loss=result.test["loss"],
+                 per_class_accuracy=result.test["per_class_accuracy"],
+                 confusion_matrix=result.test["confusion_matrix"])
+    return s
+
+
+class RunLog:
+    """One line per event to stderr (through tqdm, so bars stay intact) and to ``train.log``."""
+
+    def __init__(self):
+        self.run_dir: Path | None = None
+
+    def __call__(self, msg: str) -> None:
+        tqdm.write(f"[{PROG}] {msg}", file=sys.stderr)
+        if self.run_dir is not None:
+            with open(self.run_dir / "train.log", "a") as f:
+                f.write(msg + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    log = RunLog()
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: log(f"warning: {message}")
+        try:
+            return _run(argv, log)
+        except UsageError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        except BaseException as e:
+            if log.run_dir is not None:  # a crash still leaves a summary that says what happened
+                write_json(log.run_dir / "summary.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+            raise
+
+
+def _run(argv: list[str] | None, log: RunLog) -> int:
+    cfg = parse_args(argv)
+    device = resolve_device(cfg.device)  # fail on a missing GPU before decoding any data
+    splits = make_splits(load_cifar10(cfg.data), cfg.subset, cfg.test_subset)
+    run_dir = log.run_dir = create_run_dir(cfg.out, cfg.model, cfg.mode, cfg.seed)
+    write_json(run_dir / "config.json", asdict(cfg))
+    write_json(run_dir / "env.json", environment(device))
+    log(f"run directory {run_dir}")
+    result = train(cfg, splits, log=log,
+                   on_epoch=lambda rows: write_csv(run_dir / "epochs.csv", pd.DataFrame(rows)))
+    if result.test:
+        cm = pd.DataFrame(result.test["confusion_matrix"], index=splits.classes, columns=splits.classes)
+        write_csv(run_dir / "confusion_matrix.csv", cm.rename_axis("true\\predicted").reset_index())
+    write_json(run_dir / "summary.json", summary(cfg, result, splits))
+    if result.status != "completed":
+        log(f"failed: {result.error}")
+        return 1
+    log(f"test accuracy {result.test['accuracy']:.4f}, training {result.train_time_s:.1f}s, "
+        f"summary in {run_dir / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
