@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=_positive_int, default=None,
                    help="train on only N images of the 45,000-image training split, stratified by class")
     p.add_argument("--test-subset", type=_positive_int, default=None,
-                   help="evaluate on a stratified N-image subset of the test set (quick runs only; "
-                   "recorded in the summary)")
+                   help="evaluate on stratified subsets of N images of the test set and at most N of the "
+                   "5,000-image validation split (quick runs only; recorded in the summary)")
     p.add_argument("--out", default="results", help="results directory; the run goes to OUT/runs/<name>/")
     return p
 

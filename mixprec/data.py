@@ -280,28 +280,30 @@ class Splits:
 def make_splits(data: CIFAR10Arrays, subset: int | None = None, test_subset: int | None = None) -> Splits:
     """The seed thesis's 45k/5k/10k split; the validation split is stratified with a fixed seed.
 
-    ``subset`` keeps a stratified ``subset`` of the 45k training images; ``test_subset`` likewise
-    for the test set (quick runs only)."""
+    ``subset`` keeps a stratified ``subset`` of the 45k training images. ``test_subset`` keeps
+    stratified subsets of at most that many images of the validation split and of the test set
+    (quick runs only: evaluating 15,000 images can cost more than a short training run)."""
     n_val = round(VAL_FRACTION * len(data.train_labels))
     val_idx = stratified_subset(data.train_labels, n_val)
     train_mask = torch.ones(len(data.train_labels), dtype=torch.bool)
     train_mask[val_idx] = False
-    train_x, train_y = data.train_images[train_mask], data.train_labels[train_mask]
-    test_x, test_y = data.test_images, data.test_labels
+    train = data.train_images[train_mask], data.train_labels[train_mask]
+    val = data.train_images[val_idx], data.train_labels[val_idx]
+    test = data.test_images, data.test_labels
     if subset is not None:
-        if subset > len(train_y):
-            raise UsageError(f"--subset {subset} is larger than the {len(train_y)}-image training split; "
-                             f"use at most {len(train_y)}")
-        keep = stratified_subset(train_y, subset)
-        train_x, train_y = train_x[keep], train_y[keep]
+        train = _subset(train, subset, "--subset", "training split")
     if test_subset is not None:
-        if test_subset > len(test_y):
-            raise UsageError(f"--test-subset {test_subset} is larger than the {len(test_y)}-image test set; "
-                             f"use at most {len(test_y)}")
-        keep = stratified_subset(test_y, test_subset)
-        test_x, test_y = test_x[keep], test_y[keep]
-    return Splits((train_x, train_y), (data.train_images[val_idx], data.train_labels[val_idx]),
-                  (test_x, test_y), data.classes)
+        test = _subset(test, test_subset, "--test-subset", "test set")
+        val = _subset(val, min(test_subset, len(val[1])), "--test-subset", "validation split")
+    return Splits(train, val, test, data.classes)
+
+
+def _subset(split: tuple[torch.Tensor, torch.Tensor], n: int, option: str, what: str):
+    images, labels = split
+    if n > len(labels):
+        raise UsageError(f"{option} {n} is larger than the {len(labels)}-image {what}; use at most {len(labels)}")
+    keep = stratified_subset(labels, n)
+    return images[keep], labels[keep]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,13 +17,16 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models import resnet
-from torchvision.models.resnet import BasicBlock
+
+# torchvision is imported inside the builders: it costs ~2.5 s, and the CLI needs only the names
+# to parse its options and report a typo.
 
 
-def _cifar_resnet(builder: Callable[..., resnet.ResNet]) -> Callable[[int], nn.Module]:
+def _cifar_resnet(name: str) -> Callable[[int], nn.Module]:
     def build(num_classes: int = 10) -> nn.Module:
-        model = builder(num_classes=num_classes)
+        from torchvision.models import resnet
+
+        model = getattr(resnet, name)(num_classes=num_classes)
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
         return model
@@ -35,6 +38,8 @@ class ResNet20(nn.Module):
     """ResNet-20 for CIFAR (He et al. 2016, section 4.2), ~0.27M parameters."""
 
     def __init__(self, num_classes: int = 10, blocks_per_stage: int = 3):
+        from torchvision.models.resnet import BasicBlock
+
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -64,9 +69,9 @@ class ResNet20(nn.Module):
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet20": ResNet20,
-    "resnet18": _cifar_resnet(resnet.resnet18),
-    "resnet34": _cifar_resnet(resnet.resnet34),
-    "resnet50": _cifar_resnet(resnet.resnet50),
+    "resnet18": _cifar_resnet("resnet18"),
+    "resnet34": _cifar_resnet("resnet34"),
+    "resnet50": _cifar_resnet("resnet50"),
 }
 
 

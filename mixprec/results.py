@@ -88,6 +88,7 @@ def environment(device: torch.device) -> dict:
         "device_type": device.type,
         "device_name": device_name(device),
         "cpu": device_name(torch.device("cpu")),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 / AVX512: decides CPU speeds
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

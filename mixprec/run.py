@@ -12,19 +12,15 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from .config import UsageError, parse_args
-from .data import load_cifar10, make_splits
-from .device import resolve_device
-from .results import create_run_dir, environment, write_csv, write_json
-from .train import RunResult, train
+from .results import write_json
 
-PROG = "mixprec.run"
+PROG = "python -m mixprec.run"
 
 
-def summary(cfg, result: RunResult, splits) -> dict:
+def summary(cfg, result, splits) -> dict:
     s = {
         "status": result.status,
         "error": result.error,
@@ -68,7 +64,7 @@ class RunLog:
         self.run_dir: Path | None = None
 
     def __call__(self, msg: str) -> None:
-        tqdm.write(f"[{PROG}] {msg}", file=sys.stderr)
+        tqdm.write(f"[mixprec] {msg}", file=sys.stderr)
         if self.run_dir is not None:
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(msg + "\n")
@@ -91,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None, log: RunLog) -> int:
     cfg = parse_args(argv)
+    # imported after parsing, so that --help and a mistyped option answer in ~3 s, not ~8
+    import pandas as pd
+
+    from .data import load_cifar10, make_splits
+    from .device import resolve_device
+    from .results import create_run_dir, environment, write_csv
+    from .train import train
+
     device = resolve_device(cfg.device)  # fail on a missing GPU before decoding any data
     splits = make_splits(load_cifar10(cfg.data), cfg.subset, cfg.test_subset)
     run_dir = log.run_dir = create_run_dir(cfg.out, cfg.model, cfg.mode, cfg.seed)

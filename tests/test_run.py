@@ -1,0 +1,137 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mixprec.config import RunConfig
+from mixprec.run import main
+
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "loss_scale",
+                 "skipped_steps"]
+
+
+def _only_run(out: Path) -> Path:
+    runs = list((out / "runs").iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+def _check_run_dir(run: Path, mode: str, classes: int = 10) -> dict:
+    for name in ("config.json", "env.json", "epochs.csv", "confusion_matrix.csv", "summary.json", "train.log"):
+        assert (run / name).exists(), name
+    assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "completed" and s["mode"] == mode and s["epochs"] == 1
+    assert 0.0 <= s["test_accuracy"] <= 1.0
+    assert len(s["per_class_accuracy"]) == classes
+    cm = s["confusion_matrix"]
+    assert len(cm) == classes and sum(map(sum, cm)) == s["test_images"]
+    assert abs(sum(cm[i][i] for i in range(classes)) / s["test_images"] - s["test_accuracy"]) < 1e-6
+    assert s["train_time_s"] > 0 and s["images_per_s"] > 0 and s["peak_memory_bytes"] > 0 and s["params"] > 0
+    if mode == "baseline":
+        assert s["skipped_steps"] is None and s["final_loss_scale"] is None
+    else:
+        assert s["skipped_steps"] >= 0
+    epochs = pd.read_csv(run / "epochs.csv")
+    assert list(epochs.columns) == EPOCH_COLUMNS and len(epochs) == 1
+    config = json.loads((run / "config.json").read_text())
+    assert set(config) == set(RunConfig.__dataclass_fields__)
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device_type"] == "cpu"
+    return s
+
+
+@pytest.mark.parametrize("mode", ["baseline", "amp", "manual"])
+def test_one_epoch_smoke_run_on_cifar10(mode, real_data, tmp_path):
+    code = main(["--mode", mode, "--model", "resnet20", "--epochs", "1", "--subset", "256", "--test-subset", "256",
+                 "--data", str(real_data), "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    s = _check_run_dir(_only_run(tmp_path), mode)
+    assert s["train_images"] == 256 and s["test_images"] == 256 and s["test_subset"] == 256
+    assert s["amp_dtype"] == ("bfloat16" if mode == "amp" else None)
+    assert s["half_compute"] == ("emulated" if mode == "manual" else None)
+    if mode == "manual":
+        assert s["final_loss_scale"] == 2.0**16
+    if mode == "amp":
+        assert s["final_loss_scale"] is None  # bfloat16 autocast runs without a scaler
+
+
+def test_modes_start_from_the_same_weights(tiny_cifar):
+    from mixprec.data import load_cifar10, make_splits
+    from mixprec.models import build_model
+    from mixprec.steps import setup_precision
+    from mixprec.train import seed_everything
+
+    def initial(mode):
+        seed_everything(7)
+        model = build_model("resnet20")
+        p = setup_precision(RunConfig(mode=mode, model="resnet20"), model, torch.device("cpu"))
+        return [t.detach().clone() for t in (p.master.params if p.master else model.parameters())]
+
+    base = initial("baseline")
+    assert all(torch.equal(a, b) for a, b in zip(base, initial("manual")))
+    assert all(torch.equal(a, b) for a, b in zip(base, initial("amp")))
+
+
+def test_synthetic_data_run_end_to_end(tiny_cifar, tmp_path):
+    """Runs everywhere, shared data or not: manual mode through the CLI on the pickled format."""
+    code = main(["--mode", "manual", "--model", "resnet20", "--epochs", "1", "--batch-size", "32",
+                 "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    s = _check_run_dir(_only_run(tmp_path), "manual")
+    assert s["train_images"] == 180 and s["val_images"] == 20 and s["test_images"] == 40
+
+
+def test_divergence_fails_the_run_with_its_reason(tiny_cifar, tmp_path):
+    code = main(["--mode", "baseline", "--model", "resnet20", "--epochs", "2", "--batch-size", "16",
+                 "--lr", "1e30", "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 1
+    s = json.loads((_only_run(tmp_path) / "summary.json").read_text())
+    assert s["status"] == "failed" and "training loss became" in s["error"] and "step" in s["error"]
+    assert s["test_accuracy"] is None
+
+
+def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path):
+    from mixprec.results import create_run_dir
+
+    dirs = {create_run_dir(tmp_path, "resnet20", "manual", 0) for _ in range(3)}
+    assert len(dirs) == 3
+
+
+BAD = {
+    "unknown mode": (["--mode", "fp8"], "invalid choice: 'fp8'"),
+    "unknown model": (["--mode", "amp", "--model", "resnet9000"], "invalid choice: 'resnet9000'"),
+    "zero epochs": (["--mode", "amp", "--epochs", "0"], "expected a positive integer"),
+    "non-numeric batch": (["--mode", "amp", "--batch-size", "lots"], "expected a positive integer"),
+    "negative lr": (["--mode", "amp", "--lr", "-0.1"], "expected a positive number"),
+    "missing data": (["--mode", "amp", "--data", "/no/such/cifar"], "does not exist"),
+    "subset too large": (["--mode", "amp", "--subset", "1000"], "larger than the 180-image training split"),
+    "cuda without cuda": (["--mode", "amp", "--device", "cuda"], "--device cuda was asked for"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_and_nonzero_without_traceback(case, tiny_cifar, tmp_path):
+    args, expect = BAD[case]
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if "--data" not in args:
+        args = args + ["--data", str(tiny_cifar["pickles"])]
+    proc = subprocess.run([sys.executable, "-m", "mixprec.run", *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_help_documents_every_option():
+    proc = subprocess.run([sys.executable, "-m", "mixprec.run", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for field in RunConfig.__dataclass_fields__:
+        assert f"--{field.replace('_', '-')}" in proc.stdout
