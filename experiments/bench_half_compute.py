@@ -1,0 +1,94 @@
+"""Emulated tensor-core FP16 against FP32 on this CPU: step time and bytes saved for backward.
+
+Runs the real training steps of mixprec.steps (baseline, manual with emulated half compute, and
+amp) on one model, interleaved round by round in one process so that machine noise hits every
+variant alike, and prints the median step times and the ratios. Targets (issue: core study):
+manual/baseline step time <= 1.10 and saved-for-backward bytes <= 0.52 (physical limit 0.50).
+Exits 1 when a target is missed.
+
+    python experiments/bench_half_compute.py [--model resnet20] [--batch-size 128] [--rounds 7] [--native]
+
+``--native`` adds one step of PyTorch's own FP16 kernels (slow on CPUs: ~25x FP32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from mixprec.config import RunConfig
+from mixprec.device import device_name
+from mixprec.models import build_model
+from mixprec.steps import setup_precision
+
+TIME_TARGET, BYTES_TARGET = 1.10, 0.52
+
+
+def saved_bytes(precision, x, y) -> int:
+    """Bytes of the distinct storages autograd saves for backward during one forward pass."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        precision.forward(x)
+    return sum(storages.values())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--native", action="store_true", help="also time one native FP16 step")
+    args = p.parse_args()
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    x, y = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
+    variants = {"baseline": dict(mode="baseline"), "manual-emulated": dict(mode="manual", half_compute="emulated"),
+                "amp-bf16": dict(mode="amp", amp_dtype="bfloat16")}
+    if args.native:
+        variants["manual-native"] = dict(mode="manual", half_compute="native")
+    precisions = {}
+    for name, kw in variants.items():
+        torch.manual_seed(0)
+        model = build_model(args.model).to(device)
+        precisions[name] = setup_precision(RunConfig(model=args.model, **kw), model, device)
+        precisions[name].step(x, y)  # warm-up
+
+    times = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name, prec in precisions.items():
+            if name == "manual-native" and r > 0:
+                continue
+            t = time.perf_counter()
+            prec.step(x, y)
+            times[name].append(time.perf_counter() - t)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.3f}s" for n, v in times.items()
+                                                          if len(v) == r + 1), file=sys.stderr)
+
+    median = {n: statistics.median(v) for n, v in times.items()}
+    saved = {n: saved_bytes(prec, x, y) for n, prec in precisions.items()}
+    print(f"{args.model}, batch {args.batch_size}, {device_name(device)} "
+          f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'variant':<18}{'median step s':>14}{'vs FP32':>9}{'saved MiB':>11}{'vs FP32':>9}")
+    for n in variants:
+        print(f"{n:<18}{median[n]:>14.3f}{median[n] / median['baseline']:>9.2f}"
+              f"{saved[n] / 2**20:>11.1f}{saved[n] / saved['baseline']:>9.3f}")
+    time_ratio = median["manual-emulated"] / median["baseline"]
+    bytes_ratio = saved["manual-emulated"] / saved["baseline"]
+    ok = time_ratio <= TIME_TARGET and bytes_ratio <= BYTES_TARGET
+    print(f"SUMMARY emulated-FP16/FP32: step time {time_ratio:.3f} (target <= {TIME_TARGET}), saved bytes "
+          f"{bytes_ratio:.4f} (target <= {BYTES_TARGET}): {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
