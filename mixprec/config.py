@@ -46,89 +46,27 @@ class RunConfig:
     out: str = "results"
 
     def __post_init__(self):
-        check = _Checker()
-        check.choice("mode", self.mode, MODES)
-        from .models import MODELS  # late: models imports torchvision
+        """The one place where option values are checked, for the command line and for code alike."""
+        from .models import MODELS
 
-        check.choice("model", self.model, tuple(MODELS))
-        check.choice("schedule", self.schedule, SCHEDULES)
-        check.choice("device", self.device, DEVICES)
-        check.choice("amp-dtype", self.amp_dtype, AMP_DTYPES)
-        check.choice("half-compute", self.half_compute, HALF_COMPUTES)
-        for name in ("epochs", "batch_size"):
-            check.positive_int(name, getattr(self, name))
-        for name in ("subset", "test_subset"):
-            if getattr(self, name) is not None:
-                check.positive_int(name, getattr(self, name))
-        check.positive_float("lr", self.lr)
-        check.nonnegative_float("momentum", self.momentum)
-        check.nonnegative_float("weight_decay", self.weight_decay)
-        if not isinstance(self.seed, int) or self.seed < 0:
+        for option, value, allowed in (("mode", self.mode, MODES), ("model", self.model, tuple(MODELS)),
+                                       ("schedule", self.schedule, SCHEDULES), ("device", self.device, DEVICES),
+                                       ("amp-dtype", self.amp_dtype, AMP_DTYPES),
+                                       ("half-compute", self.half_compute, HALF_COMPUTES)):
+            if value not in allowed:
+                raise UsageError(f"unknown --{option} {value!r}: choose one of {', '.join(allowed)}")
+        counts = {"epochs": self.epochs, "batch-size": self.batch_size, "subset": self.subset,
+                  "test-subset": self.test_subset}
+        for option, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise UsageError(f"--{option} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"--seed must be a non-negative integer, got {self.seed!r}")
-
-
-class _Checker:
-    """Validation for programmatic construction; the CLI's argparse types catch most of it first."""
-
-    @staticmethod
-    def choice(name, value, allowed):
-        if value not in allowed:
-            raise UsageError(f"unknown --{name} {value!r}: choose one of {', '.join(allowed)}")
-
-    @staticmethod
-    def positive_int(name, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-
-    @staticmethod
-    def positive_float(name, value):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
-
-    @staticmethod
-    def nonnegative_float(name, value):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a non-negative number, got {value!r}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
+        for option, value, minimum in (("lr", self.lr, "positive"), ("momentum", self.momentum, "non-negative"),
+                                       ("weight-decay", self.weight_decay, "non-negative")):
+            if (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+                    or (minimum == "positive" and value == 0)):
+                raise UsageError(f"--{option} must be a {minimum} number, got {value!r}")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -153,16 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet18", choices=tuple(MODELS),
                    help="architecture, adapted to 32x32 inputs (resnet20 is the one that trains in "
                    "minutes on a CPU)")
-    p.add_argument("--epochs", type=_positive_int, default=50, help="training epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="training batch size")
-    p.add_argument("--lr", type=_positive_float, default=0.1, help="SGD learning rate")
-    p.add_argument("--momentum", type=_nonnegative_float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=_nonnegative_float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     p.add_argument("--schedule", choices=SCHEDULES, default="step",
                    help="step: lr halved every 20 epochs (seed thesis); cosine: cosine annealing to 0 "
                    "over the run; cosine-restarts: cosine annealing with warm restarts every 10, 20, "
                    "40... epochs (EfficientNet thesis)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0,
+    p.add_argument("--seed", type=int, default=0,
                    help="seed for initial weights, batch order and augmentation")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
     p.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
@@ -176,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CIFAR-10: a directory holding cifar-10-batches-py/, or an image-folder tree "
                    "train/<class>/*, test/<class>/* (or a .tar/.tar.gz of one). Default: $MIXPREC_DATA, "
                    "else ~/.cache/mixprec/cifar10, downloaded there by torchvision if absent.")
-    p.add_argument("--subset", type=_positive_int, default=None,
+    p.add_argument("--subset", type=int, default=None,
                    help="train on only N images of the 45,000-image training split, stratified by class")
-    p.add_argument("--test-subset", type=_positive_int, default=None,
+    p.add_argument("--test-subset", type=int, default=None,
                    help="evaluate on stratified subsets of N images of the test set and at most N of the "
                    "5,000-image validation split (quick runs only; recorded in the summary)")
     p.add_argument("--out", default="results", help="results directory; the run goes to OUT/runs/<name>/")
