@@ -17,6 +17,8 @@ SCHEDULES = ("step", "cosine", "cosine-restarts")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("auto", "float16", "bfloat16")
 HALF_COMPUTES = ("auto", "native", "emulated")
+MANUAL_DTYPES = ("float16", "bfloat16")
+ON_MIN_SCALE = ("raise", "skip")
 
 
 class UsageError(Exception):
@@ -44,6 +46,16 @@ class RunConfig:
     subset: int | None = None
     test_subset: int | None = None
     out: str = "results"
+    # ablations and scaler controls (manual mode unless noted)
+    loss_scale: str = "dynamic"
+    on_min_scale: str = "raise"
+    master_weights: bool = True
+    fp16_batchnorm: bool = False
+    manual_dtype: str = "float16"
+    inject_overflow: tuple[int, ...] = ()  # manual and float16 amp
+    clip_grad_norm: float | None = None  # every mode
+    accumulate: int = 1  # every mode
+    telemetry_every: int = 10  # every mode
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
@@ -52,11 +64,14 @@ class RunConfig:
         for option, value, allowed in (("mode", self.mode, MODES), ("model", self.model, tuple(MODELS)),
                                        ("schedule", self.schedule, SCHEDULES), ("device", self.device, DEVICES),
                                        ("amp-dtype", self.amp_dtype, AMP_DTYPES),
-                                       ("half-compute", self.half_compute, HALF_COMPUTES)):
+                                       ("half-compute", self.half_compute, HALF_COMPUTES),
+                                       ("manual-dtype", self.manual_dtype, MANUAL_DTYPES),
+                                       ("on-min-scale", self.on_min_scale, ON_MIN_SCALE)):
             if value not in allowed:
                 raise UsageError(f"unknown --{option} {value!r}: choose one of {', '.join(allowed)}")
         counts = {"epochs": self.epochs, "batch-size": self.batch_size, "subset": self.subset,
-                  "test-subset": self.test_subset}
+                  "test-subset": self.test_subset, "accumulate": self.accumulate,
+                  "telemetry-every": self.telemetry_every}
         for option, value in counts.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise UsageError(f"--{option} must be a positive integer, got {value!r}")
@@ -67,6 +82,29 @@ class RunConfig:
             if (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
                     or (minimum == "positive" and value == 0)):
                 raise UsageError(f"--{option} must be a {minimum} number, got {value!r}")
+        if self.clip_grad_norm is not None and (not math.isfinite(self.clip_grad_norm) or self.clip_grad_norm <= 0):
+            raise UsageError(f"--clip-grad-norm must be a positive number, got {self.clip_grad_norm!r}")
+        if self.loss_scale not in ("dynamic", "none"):
+            try:
+                static = float(self.loss_scale)
+            except ValueError:
+                static = math.nan
+            if not (math.isfinite(static) and static > 0):
+                raise UsageError(f"--loss-scale must be dynamic, none or a positive number, got {self.loss_scale!r}")
+        if self.batch_size % self.accumulate:
+            raise UsageError(f"--batch-size {self.batch_size} does not split into --accumulate {self.accumulate} "
+                             "equal micro-batches; pick a divisor")
+        manual_only = {"--loss-scale": self.loss_scale != "dynamic", "--on-min-scale": self.on_min_scale != "raise",
+                       "--no-master-weights": not self.master_weights, "--fp16-batchnorm": self.fp16_batchnorm,
+                       "--manual-dtype": self.manual_dtype != "float16"}
+        for option, used in manual_only.items():
+            if used and self.mode != "manual":
+                raise UsageError(f"{option} is an ablation of manual mode; use it with --mode manual")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in self.inject_overflow):
+            raise UsageError(f"--inject-overflow takes optimizer steps counted from 1, got {self.inject_overflow!r}")
+        if self.inject_overflow and self.mode == "baseline":
+            raise UsageError("--inject-overflow needs a loss scaler to skip the step: use --mode manual, "
+                             "or amp with float16")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -120,7 +158,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on stratified subsets of N images of the test set and at most N of the "
                    "5,000-image validation split (quick runs only; recorded in the summary)")
     p.add_argument("--out", default="results", help="results directory; the run goes to OUT/runs/<name>/")
+    g = p.add_argument_group("manual-mode ablations and loss-scaler controls")
+    g.add_argument("--loss-scale", default="dynamic",
+                   help="dynamic: start at 2^16, halve on overflow, double after 2000 clean steps; none: no "
+                   "scaling (scale 1); a number: that static scale. Overflowing steps are skipped in every case.")
+    g.add_argument("--on-min-scale", choices=ON_MIN_SCALE, default="raise",
+                   help="when a backoff would take the dynamic scale below 1: raise ends the run as failed, "
+                   "skip holds the scale at 1 and keeps skipping overflowing steps")
+    g.add_argument("--no-master-weights", dest="master_weights", action="store_false",
+                   help="let the optimizer update the FP16 weights in place: small updates vanish (1 + 1e-4 == 1 "
+                   "in FP16)")
+    g.add_argument("--fp16-batchnorm", action="store_true", help="run BatchNorm in FP16 too")
+    g.add_argument("--manual-dtype", choices=MANUAL_DTYPES, default="float16",
+                   help="the half type of manual mode; bfloat16 has FP32's exponent range and needs no loss "
+                   "scaling")
+    g.add_argument("--inject-overflow", type=_step_list, default=(), metavar="STEP[,STEP...]",
+                   help="make the scaled loss inf at these optimizer steps (1-based, counting skipped ones), to "
+                   "watch a skip: manual mode, or amp with float16")
+    g.add_argument("--clip-grad-norm", type=float, default=None, metavar="X",
+                   help="clip the gradient norm to X; with a loss scaler, the unscaled gradients are clipped")
+    g.add_argument("--accumulate", type=int, default=1, metavar="N",
+                   help="split each batch into N micro-batches whose gradients add up to one optimizer step "
+                   "(one overflow decision per step); --batch-size stays the images per optimizer step")
+    g.add_argument("--telemetry-every", type=int, default=10, metavar="N",
+                   help="measure the largest gradient and the zero and FP16-underflow fractions every N optimizer "
+                   "steps in manual mode (steps.csv); the loss scale and skips are recorded at every step")
     return p
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected step numbers like 3,10,25, got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:

@@ -15,15 +15,17 @@ from torch import nn
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def half_with_fp32_norm_(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+def half_with_fp32_norm_(model: nn.Module, dtype: torch.dtype = torch.float16, fp32_norm: bool = True) -> nn.Module:
     """Cast ``model`` to ``dtype`` in place, keeping normalization layers in FP32.
 
     BatchNorm's running variance and its sums over a whole batch lose too much in FP16; the FP32
-    layers take the FP16 activations and return FP16 ones (PyTorch's mixed-type batch norm)."""
+    layers take the FP16 activations and return FP16 ones (PyTorch's mixed-type batch norm).
+    ``fp32_norm=False`` casts them too (the --fp16-batchnorm ablation)."""
     model.to(dtype)
-    for m in model.modules():
-        if isinstance(m, _NORM_LAYERS):
-            m.float()
+    if fp32_norm:
+        for m in model.modules():
+            if isinstance(m, _NORM_LAYERS):
+                m.float()
     return model
 
 
@@ -42,14 +44,18 @@ class MasterWeights:
         opt.step(); master.copy_to_model_()
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.enabled = enabled
         self.model_params = [p for p in model.parameters() if p.requires_grad]
-        self.params = [nn.Parameter(p.detach().clone().float()) for p in self.model_params]
+        # disabled (the --no-master-weights ablation): the optimizer owns the model's own parameters
+        self.params = ([nn.Parameter(p.detach().clone().float()) for p in self.model_params] if enabled
+                       else self.model_params)
 
     @torch.no_grad()
     def copy_to_model_(self) -> None:
         """Round the FP32 master weights into the model's (half or FP32) parameters."""
-        torch._foreach_copy_(self.model_params, self.params)
+        if self.enabled:
+            torch._foreach_copy_(self.model_params, self.params)
 
     def state_dict(self) -> list[torch.Tensor]:
         return [p.detach() for p in self.params]

@@ -6,6 +6,7 @@ to a temporary name and renamed into place, so a reader (or a crash) never sees 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -42,10 +43,12 @@ def create_run_dir(out: str | os.PathLike, model: str, mode: str, seed: int) -> 
     raise UsageError(f"too many runs named {base} in {runs}")
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write, binary: bool = False) -> None:
+    """Write through ``write(file)`` into a temporary file beside ``path``, then rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -72,6 +75,14 @@ def write_json(path: Path, obj) -> None:
 
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     _write_atomic(Path(path), lambda f: frame.to_csv(f, index=False))
+
+
+def write_figure(path: Path, fig) -> None:
+    """Write a matplotlib figure as a PNG at its own dpi, atomically: it is rendered in memory first,
+    so a failed render leaves no file and a reader never sees a half-written image."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi="figure")
+    _write_atomic(Path(path), lambda f: f.write(buf.getvalue()), binary=True)
 
 
 def read_json(path: Path):

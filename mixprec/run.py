@@ -18,6 +18,8 @@ from .config import UsageError, parse_args
 from .results import write_json
 
 PROG = "python -m mixprec.run"
+ABLATION_OPTIONS = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype",
+                    "inject_overflow", "clip_grad_norm", "accumulate", "telemetry_every")
 
 
 def summary(cfg, result, splits) -> dict:
@@ -43,6 +45,8 @@ def summary(cfg, result, splits) -> dict:
         "peak_memory_bytes": result.peak_memory_bytes,
         "skipped_steps": result.skipped_steps if cfg.mode != "baseline" else None,
         "final_loss_scale": result.final_loss_scale,
+        "ablation": {k: getattr(cfg, k) for k in ABLATION_OPTIONS},
+        "notes": result.notes,
         "test_accuracy": None,
         "test_loss": None,
         "per_class_accuracy": None,
@@ -101,8 +105,11 @@ def _run(argv: list[str] | None, log: RunLog) -> int:
     write_json(run_dir / "config.json", asdict(cfg))
     write_json(run_dir / "env.json", environment(device))
     log(f"run directory {run_dir}")
-    result = train(cfg, splits, log=log,
-                   on_epoch=lambda rows: write_csv(run_dir / "epochs.csv", pd.DataFrame(rows)))
+    def save_progress(result):
+        write_csv(run_dir / "epochs.csv", pd.DataFrame(result.epochs))
+        write_csv(run_dir / "steps.csv", pd.DataFrame(result.steps))
+
+    result = train(cfg, splits, log=log, on_epoch=save_progress)
     if result.test:
         cm = pd.DataFrame(result.test["confusion_matrix"], index=splits.classes, columns=splits.classes)
         write_csv(run_dir / "confusion_matrix.csv", cm.rename_axis("true\\predicted").reset_index())

@@ -11,9 +11,10 @@ is read after ``update`` to tell a skipped step); manual one (``bool(found_inf)`
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -29,46 +30,94 @@ from .scaler import DynamicLossScaler
 
 class StepOut(NamedTuple):
     loss: torch.Tensor  # FP32 scalar, detached; inf/NaN on a step the scaler skipped
-    logits: torch.Tensor  # detached
+    logits: torch.Tensor  # detached, for the whole batch
     skipped: bool  # True if the optimizer step was skipped for an overflow
 
 
-def baseline_step(model, optimizer, images, labels) -> StepOut:
-    logits = model(images)
-    loss = F.cross_entropy(logits, labels)
+# Each step takes one batch, splits it into `accumulate` micro-batches whose gradients add up,
+# and takes (at most) one optimizer step. `clip` clips the gradient norm of the true gradients.
+
+
+def baseline_step(model, optimizer, images, labels, *, accumulate=1, clip=None) -> StepOut:
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    logits, loss = [], 0.0
+    for x, y in zip(images.chunk(accumulate), labels.chunk(accumulate)):
+        out = model(x)
+        micro_loss = F.cross_entropy(out, y) / accumulate
+        micro_loss.backward()
+        logits.append(out.detach())
+        loss += micro_loss.detach()
+    if clip:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
-    return StepOut(loss.detach(), logits.detach(), False)
+    return StepOut(loss, torch.cat(logits), False)
 
 
-def amp_step(model, optimizer, images, labels, *, autocast, scaler: torch.amp.GradScaler) -> StepOut:
-    with autocast:  # convolutions and linears in FP16/BF16, reductions such as cross_entropy in FP32
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+def amp_step(model, optimizer, images, labels, *, autocast, scaler: torch.amp.GradScaler, accumulate=1,
+             clip=None) -> StepOut:
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    logits, loss = [], 0.0
+    for x, y in zip(images.chunk(accumulate), labels.chunk(accumulate)):
+        with autocast:  # convolutions and linears in FP16/BF16, reductions such as cross_entropy in FP32
+            out = model(x)
+            micro_loss = F.cross_entropy(out, y) / accumulate
+        scaler.scale(micro_loss).backward()
+        logits.append(out.detach())
+        loss += micro_loss.detach().float()
+    if clip:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
     scaler.step(optimizer)  # host sync: reads found_inf, skips optimizer.step() on overflow
     scale = scaler.get_scale()
     scaler.update()
     skipped = scaler.get_scale() < scale  # host sync: GradScaler tells a skip only by backing off
-    return StepOut(loss.detach().float(), logits.detach(), skipped)
+    return StepOut(loss, torch.cat(logits), skipped)
 
 
 def manual_step(model, optimizer, images, labels, *, master: MasterWeights, scaler: DynamicLossScaler,
-                half_compute: AbstractContextManager, dtype: torch.dtype) -> StepOut:
-    with half_compute:  # native FP16 kernels, or tensor-core arithmetic emulated on a CPU
-        logits = model(images.to(dtype))
-    loss = F.cross_entropy(logits.float(), labels)  # softmax and its sum in FP32
+                half_compute: AbstractContextManager, dtype: torch.dtype, accumulate=1, clip=None) -> StepOut:
     model.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # FP16 grads of loss * scale: small ones lifted out of underflow
+    logits, loss = [], 0.0
+    for x, y in zip(images.chunk(accumulate), labels.chunk(accumulate)):
+        with half_compute:  # native FP16 kernels, or tensor-core arithmetic emulated on a CPU
+            out = model(x.to(dtype))
+        micro_loss = F.cross_entropy(out.float(), y) / accumulate  # softmax and its sum in FP32
+        scaler.scale(micro_loss).backward()  # FP16 grads of loss * scale: small ones lifted out of underflow
+        logits.append(out.detach().float())
+        loss += micro_loss.detach()
     found_inf = scaler.unscale_(master.model_params, master.params)  # into FP32 master grads, / scale
     skipped = bool(found_inf)  # host sync: the one per step
     if not skipped:
+        if clip:
+            nn.utils.clip_grad_norm_(master.params, clip)  # the unscaled master gradients
         optimizer.step()  # the update happens on the FP32 master weights
         master.copy_to_model_()
     scaler.update(skipped)
-    return StepOut(loss.detach(), logits.detach().float(), skipped)
+    return StepOut(loss, torch.cat(logits), skipped)
+
+
+class OverflowInjector:
+    """Wraps a loss scaler so that the scaled loss is inf at the given optimizer steps (1-based).
+
+    Fault injection for ``--inject-overflow``: the backward pass then yields inf/NaN gradients,
+    exactly as a real overflow does, and the step under study has to skip. Steps are counted by
+    the wrapped scaler's ``update`` calls, so accumulated micro-batches share their step's fate."""
+
+    def __init__(self, scaler, steps: tuple[int, ...]):
+        self._scaler = scaler
+        self._steps = set(steps)
+        self._step = 1
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        scaled = self._scaler.scale(loss)
+        return scaled * math.inf if self._step in self._steps else scaled
+
+    def update(self, *args, **kwargs):
+        self._scaler.update(*args, **kwargs)
+        self._step += 1
+
+    def __getattr__(self, name):
+        return getattr(self._scaler, name)
 
 
 @dataclass
@@ -83,17 +132,24 @@ class Precision:
     amp_dtype: str | None = None
     half_compute: str | None = None
     master: MasterWeights | None = None
-    scaler: object | None = None
+    scaler: DynamicLossScaler | torch.amp.GradScaler | None = None
+    notes: list[str] = field(default_factory=list)  # caveats recorded in the summary
+    master_desc: str = ""  # manual mode: model dtype, BatchNorm, master weights
+    scaler_desc: str = ""  # manual mode: the loss-scaling policy
 
     def describe(self) -> str:
         if self.half_compute:
-            how = {"emulated": "emulated tensor-core FP16 (FP16 operands, FP32 accumulation)",
-                   "native": "native FP16 kernels"}[self.half_compute]
-            return f"FP16 model, FP32 BatchNorm and master weights, {how}, dynamic loss scale {self.loss_scale():g}"
+            how = {"emulated": "emulated tensor-core arithmetic (half operands, FP32 accumulation)",
+                   "native": "native half kernels"}[self.half_compute]
+            return f"{self.master_desc}, {how}, {self.scaler_desc}"
         if self.amp_dtype:
             scaling = f"GradScaler at {self.loss_scale():g}" if self.loss_scale() else "no loss scaler"
             return f"torch.autocast({self.amp_dtype}), {scaling}"
         return "FP32"
+
+    def pop_stats(self) -> torch.Tensor | None:
+        """Gradient statistics the scaler measured at the last step, if any (manual mode)."""
+        return self.scaler.pop_stats() if isinstance(self.scaler, DynamicLossScaler) else None
 
 
 def _sgd(params, cfg: RunConfig) -> torch.optim.SGD:
@@ -108,55 +164,79 @@ def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_half_compute(name: str, device: torch.device) -> str:
-    """``auto`` is native on CUDA (tensor cores) and emulated elsewhere (no FP16 units)."""
+    """``auto`` is native on CUDA (tensor cores) and emulated elsewhere (no half-precision units)."""
     if name == "auto":
         return "native" if device.type == "cuda" else "emulated"
     return name
 
 
+def make_loss_scaler(cfg: RunConfig) -> DynamicLossScaler:
+    """The manual mode's scaler for ``--loss-scale`` dynamic / none / a static number."""
+    if cfg.loss_scale == "dynamic":
+        return DynamicLossScaler(on_min_scale=cfg.on_min_scale, telemetry_every=cfg.telemetry_every)
+    static = 1.0 if cfg.loss_scale == "none" else float(cfg.loss_scale)
+    return DynamicLossScaler(init_scale=static, dynamic=False, telemetry_every=cfg.telemetry_every)
+
+
 def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> Precision:
     """Prepare ``model`` (FP32, on ``device``) for ``cfg.mode`` and build its optimizer."""
+    steps = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm)
     if cfg.mode == "baseline":
         opt = _sgd(model.parameters(), cfg)
-        return Precision(partial(baseline_step, model, opt), model, opt, lambda: None)
+        return Precision(partial(baseline_step, model, opt, **steps), model, opt, lambda: None)
 
     if cfg.mode == "amp":
         dtype = resolve_amp_dtype(cfg.amp_dtype, device)
         if dtype == torch.float16 and device.type == "cpu":
-            warnings.warn("--amp-dtype float16 on a CPU runs PyTorch's slow FP16 kernels (measured here: "
-                          "82 min per resnet20 epoch against 4 min with bfloat16); use --amp-dtype bfloat16 "
+            warnings.warn("--amp-dtype float16 on a CPU runs PyTorch's slow FP16 kernels (measured on an AVX-512 "
+                          "Xeon: 82 min per resnet20 epoch against 4 min with bfloat16); use --amp-dtype bfloat16 "
                           "unless the slowness is what you want to see", stacklevel=2)
+        if cfg.inject_overflow and dtype != torch.float16:
+            raise UsageError("--inject-overflow in amp mode needs a GradScaler, which only float16 uses: "
+                             "add --amp-dtype float16, or use --mode manual")
         autocast = torch.autocast(device.type, dtype=dtype)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # BF16 needs no scaling
         opt = _sgd(model.parameters(), cfg)
+        injected = OverflowInjector(scaler, cfg.inject_overflow) if cfg.inject_overflow else scaler
 
         def forward(images):
             with autocast:
                 return model(images)
 
-        return Precision(partial(amp_step, model, opt, autocast=autocast, scaler=scaler), forward, opt,
+        return Precision(partial(amp_step, model, opt, autocast=autocast, scaler=injected, **steps), forward, opt,
                          lambda: scaler.get_scale() if scaler.is_enabled() else None,
                          amp_dtype=str(dtype).removeprefix("torch."), scaler=scaler)
 
     if cfg.mode == "manual":
         how = resolve_half_compute(cfg.half_compute, device)
         if how == "native" and device.type == "cpu":
-            warnings.warn("--half-compute native on a CPU runs PyTorch's naive FP16 convolutions "
-                          "(measured here: 11.8 s per resnet20 step against 0.46 s emulated)", stacklevel=2)
-        dtype = torch.float16
-        master = MasterWeights(model)  # from the FP32 weights, before rounding them to FP16
-        half_with_fp32_norm_(model, dtype)
+            warnings.warn("--half-compute native on a CPU runs PyTorch's naive half-precision convolutions "
+                          "(measured here: ~15x slower than FP32 for resnet20); use --half-compute emulated",
+                          stacklevel=2)
+        dtype = getattr(torch, cfg.manual_dtype)
+        master = MasterWeights(model, enabled=cfg.master_weights)  # from the FP32 weights, before rounding
+        half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
         opt = _sgd(master.params, cfg)
-        scaler = DynamicLossScaler()
+        scaler = make_loss_scaler(cfg)
+        injected = OverflowInjector(scaler, cfg.inject_overflow) if cfg.inject_overflow else scaler
         half_compute = emulated_half_compute() if how == "emulated" else nullcontext()
 
         def forward(images):
             with half_compute:
                 return model(images.to(dtype)).float()
 
-        step = partial(manual_step, model, opt, master=master, scaler=scaler, dtype=dtype,
-                       half_compute=half_compute)
-        return Precision(step, forward, opt, scaler.get_scale, half_compute=how, master=master, scaler=scaler)
+        notes = []
+        if dtype == torch.bfloat16 and cfg.loss_scale != "none":
+            notes.append("bfloat16 has FP32's exponent range, so loss scaling is unnecessary; the scaler ran "
+                         "anyway (--loss-scale none drops it)")
+        norm = "FP16" if cfg.fp16_batchnorm else "FP32"
+        weights = "FP32 master weights" if cfg.master_weights else "no master weights (updated in half)"
+        scaling = {"dynamic": "dynamic loss scale from {:g}", "none": "no loss scaling (scale {:g})"}.get(
+            cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
+        step = partial(manual_step, model, opt, master=master, scaler=injected, dtype=dtype,
+                       half_compute=half_compute, **steps)
+        return Precision(step, forward, opt, scaler.get_scale, half_compute=how, master=master, scaler=scaler,
+                         notes=notes, master_desc=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}",
+                         scaler_desc=scaling)
 
     raise UsageError(f"unknown mode {cfg.mode!r}")
-

@@ -21,7 +21,8 @@ def _only_run(out: Path) -> Path:
 
 
 def _check_run_dir(run: Path, mode: str, classes: int = 10) -> dict:
-    for name in ("config.json", "env.json", "epochs.csv", "confusion_matrix.csv", "summary.json", "train.log"):
+    for name in ("config.json", "env.json", "epochs.csv", "steps.csv", "confusion_matrix.csv", "summary.json",
+                 "train.log"):
         assert (run / name).exists(), name
     assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
     s = json.loads((run / "summary.json").read_text())
@@ -38,6 +39,12 @@ def _check_run_dir(run: Path, mode: str, classes: int = 10) -> dict:
         assert s["skipped_steps"] >= 0
     epochs = pd.read_csv(run / "epochs.csv")
     assert list(epochs.columns) == EPOCH_COLUMNS and len(epochs) == 1
+    steps = pd.read_csv(run / "steps.csv")
+    assert list(steps.columns) == ["step", "epoch", "loss", "lr", "loss_scale", "skipped", "grad_max_abs",
+                                   "grad_zero_frac", "grad_underflow_frac"]
+    assert steps["step"].tolist() == list(range(1, len(steps) + 1))
+    if mode == "manual":  # telemetry measured at step 1 (and every --telemetry-every after)
+        assert steps["grad_max_abs"][0] > 0 and 0 <= steps["grad_underflow_frac"][0] <= 1
     config = json.loads((run / "config.json").read_text())
     assert set(config) == set(RunConfig.__dataclass_fields__)
     env = json.loads((run / "env.json").read_text())
@@ -136,4 +143,5 @@ def test_help_documents_every_option():
     proc = subprocess.run([sys.executable, "-m", "mixprec.run", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for field in RunConfig.__dataclass_fields__:
-        assert f"--{field.replace('_', '-')}" in proc.stdout
+        option = "--no-master-weights" if field == "master_weights" else f"--{field.replace('_', '-')}"
+        assert option in proc.stdout

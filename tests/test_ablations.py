@@ -1,0 +1,167 @@
+"""The manual mode's ablations and scaler controls, on a tiny CNN so that each test takes seconds."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mixprec import models
+from mixprec.config import RunConfig, UsageError
+from mixprec.data import load_cifar10, make_splits
+from mixprec.steps import setup_precision
+from mixprec.train import train
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.filterwarnings("ignore:--amp-dtype float16 on a CPU")
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes=10, batchnorm=True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8) if batchnorm else nn.Identity()
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "tiny", TinyNet)
+
+
+def _cfg(**kw):
+    kw.setdefault("mode", "manual")
+    return RunConfig(model="tiny", device="cpu", **kw)
+
+
+def _train(tiny_cifar, **kw):
+    splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
+    kw.setdefault("epochs", 1)
+    return train(_cfg(batch_size=16, **kw), splits, log=lambda msg: None)
+
+
+@pytest.mark.parametrize("mode,extra", [("manual", {}), ("amp", {"amp_dtype": "float16"})])
+def test_injected_overflow_skips_backs_off_and_holds_the_lr_schedule(tiny_cifar, mode, extra):
+    result = _train(tiny_cifar, mode=mode, inject_overflow=(2, 5), schedule="cosine", **extra)
+    steps = result.steps
+    assert [r["skipped"] for r in steps[:6]] == [False, True, False, False, True, False]
+    assert steps[0]["loss_scale"] == 2.0**16 and steps[1]["loss_scale"] == 2.0**15
+    assert result.skipped_steps == 2 and result.final_loss_scale == 2.0**14
+    lrs = [r["lr"] for r in steps]
+    assert lrs[0] != lrs[1]  # the cosine schedule moves after a step that was taken...
+    assert lrs[1] == lrs[2]  # ...and stands still after the skipped one
+    assert lrs[4] == lrs[5]
+
+
+def test_overflow_skip_leaves_master_weights_and_momentum_bit_identical():
+    torch.manual_seed(0)
+    p = setup_precision(_cfg(inject_overflow=(2,), momentum=0.9), TinyNet(), CPU)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    assert not p.step(x, y).skipped
+    weights = [m.detach().clone() for m in p.master.params]
+    momentum = [p.optimizer.state[m]["momentum_buffer"].clone() for m in p.master.params]
+    half = [t.detach().clone() for t in p.master.model_params]
+    assert p.step(x, y).skipped
+    assert all(torch.equal(a, b) for a, b in zip(weights, p.master.params))
+    assert all(torch.equal(a, p.optimizer.state[m]["momentum_buffer"]) for a, m in zip(momentum, p.master.params))
+    assert all(torch.equal(a, b) for a, b in zip(half, p.master.model_params))
+    assert p.loss_scale() == 2.0**15
+
+
+@pytest.mark.parametrize("mode,extra", [("manual", {}), ("amp", {"amp_dtype": "float16"}), ("baseline", {})])
+def test_clip_acts_on_the_unscaled_gradients(mode, extra):
+    torch.manual_seed(0)
+    model = TinyNet(batchnorm=False)
+    p = setup_precision(_cfg(mode=mode, clip_grad_norm=1e-3, lr=1.0, momentum=0.0, weight_decay=0.0, **extra),
+                        model, CPU)
+    params = p.master.params if p.master else list(model.parameters())
+    before = [t.detach().clone() for t in params]
+    assert not p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
+    update = torch.cat([(a - b).flatten() for a, b in zip(before, params)])
+    # lr 1: the update is the clipped gradient. Clipping the scaled gradients would leave 1e-3 / 2**16.
+    assert update.norm().item() == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_without_master_weights_small_updates_vanish():
+    def step_once(master_weights):
+        torch.manual_seed(0)
+        model = TinyNet(batchnorm=False)
+        with torch.no_grad():
+            model.fc.weight.fill_(1.0)
+        p = setup_precision(_cfg(master_weights=master_weights, lr=1e-4, momentum=0.0, weight_decay=0.0),
+                            model, CPU)
+        assert p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped is False
+        return model, p
+
+    model, p = step_once(master_weights=False)
+    assert p.master.params[0] is p.master.model_params[0]  # the optimizer owns the FP16 weights
+    assert p.optimizer.param_groups[0]["params"][0].dtype == torch.float16
+    assert torch.all(model.fc.weight == 1.0)  # 1 - ~1e-5 rounds back to 1 in FP16: the update is lost
+    model, p = step_once(master_weights=True)
+    master_fc = p.master.params[-2]
+    assert (master_fc != 1.0).float().mean() > 0.9  # the FP32 master weights keep it
+
+
+def test_fp16_batchnorm_and_bfloat16_manual():
+    p = setup_precision(_cfg(fp16_batchnorm=True), model := TinyNet(), CPU)
+    assert model.bn.weight.dtype == torch.float16 and model.bn.running_var.dtype == torch.float16
+    p = setup_precision(_cfg(manual_dtype="bfloat16"), model := TinyNet(), CPU)
+    assert model.conv.weight.dtype == torch.bfloat16 and model.bn.weight.dtype == torch.float32
+    assert any("loss scaling is unnecessary" in n for n in p.notes)
+    assert not p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
+    assert not setup_precision(_cfg(manual_dtype="bfloat16", loss_scale="none"), TinyNet(), CPU).notes
+
+
+@pytest.mark.parametrize("loss_scale,expect", [("none", 1.0), ("512", 512.0)])
+def test_static_loss_scales_skip_without_backing_off(loss_scale, expect):
+    p = setup_precision(_cfg(loss_scale=loss_scale, inject_overflow=(1,)), TinyNet(), CPU)
+    assert p.loss_scale() == expect
+    assert p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
+    assert p.loss_scale() == expect
+
+
+def test_accumulated_micro_batches_add_up_to_the_full_batch_gradient():
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+
+    def one_step(accumulate):
+        torch.manual_seed(0)
+        model = TinyNet(batchnorm=False)  # BatchNorm statistics differ per micro-batch by design
+        p = setup_precision(_cfg(mode="baseline", accumulate=accumulate), model, CPU)
+        p.step(x, y)
+        return [t.detach().clone() for t in model.parameters()]
+
+    for a, b in zip(one_step(1), one_step(4)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_makes_one_overflow_decision_per_optimizer_step():
+    p = setup_precision(_cfg(accumulate=2, inject_overflow=(1,)), TinyNet(), CPU)
+    assert p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
+    assert p.loss_scale() == 2.0**15  # backed off once, not once per micro-batch
+
+
+def test_min_scale_raise_fails_the_run_with_the_reason(tiny_cifar):
+    # 2**16 halves to 1 after 16 overflows; the 17th would go below min_scale=1
+    result = _train(tiny_cifar, epochs=2, inject_overflow=tuple(range(1, 20)))
+    assert result.status == "failed" and "min_scale=1" in result.error
+    assert len(result.steps) == 11 and len(result.epochs) == 1  # failed in the second epoch, at step 17
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(mode="amp", fp16_batchnorm=True), "ablation of manual mode"),
+    (dict(mode="baseline", inject_overflow=(3,)), "needs a loss scaler"),
+    (dict(loss_scale="-2"), "positive number"),
+    (dict(batch_size=10, accumulate=4), "equal micro-batches"),
+])
+def test_meaningless_combinations_are_refused(kw, message):
+    with pytest.raises(UsageError, match=message):
+        _cfg(**kw)
+
+
+def test_amp_injection_needs_float16():
+    with pytest.raises(UsageError, match="float16"):
+        setup_precision(_cfg(mode="amp", amp_dtype="bfloat16", inject_overflow=(1,)), TinyNet(), CPU)
