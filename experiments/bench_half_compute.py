@@ -22,23 +22,11 @@ import torch
 
 from mixprec.config import RunConfig
 from mixprec.device import device_name
+from mixprec.memory import saved_tensor_bytes
 from mixprec.models import build_model
 from mixprec.steps import setup_precision
 
 TIME_TARGET, BYTES_TARGET = 1.10, 0.52
-
-
-def saved_bytes(precision, x, y) -> int:
-    """Bytes of the distinct storages autograd saves for backward during one forward pass."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        precision.forward(x)
-    return sum(storages.values())
 
 
 def main() -> int:
@@ -75,7 +63,7 @@ def main() -> int:
                                                           if len(v) == r + 1), file=sys.stderr)
 
     median = {n: statistics.median(v) for n, v in times.items()}
-    saved = {n: saved_bytes(prec, x, y) for n, prec in precisions.items()}
+    saved = {n: saved_tensor_bytes(lambda: prec.forward(x)) for n, prec in precisions.items()}
     print(f"{args.model}, batch {args.batch_size}, {device_name(device)} "
           f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'variant':<18}{'median step s':>14}{'vs FP32':>9}{'saved MiB':>11}{'vs FP32':>9}")

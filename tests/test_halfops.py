@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.halfops import emulated_half_compute
+from mixprec.memory import saved_tensor_bytes
 
 CONVS = [  # (in, out, kernel, stride, padding, dilation, groups)
     (4, 6, 3, 1, 1, 1, 1),
@@ -80,18 +81,6 @@ def test_fp32_calls_are_left_alone():
     assert out.dtype == torch.float32 and torch.equal(out, conv(x))
 
 
-def _saved_bytes(model, x):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).float().sum()
-    return sum(storages.values())
-
-
 def test_saved_tensors_are_half_the_bytes_of_fp32():
     from mixprec.master import half_with_fp32_norm_
     from mixprec.models import build_model
@@ -99,8 +88,8 @@ def test_saved_tensors_are_half_the_bytes_of_fp32():
     torch.manual_seed(0)
     model = build_model("resnet20")
     x = torch.randn(8, 3, 32, 32)
-    fp32 = _saved_bytes(model, x)
+    fp32 = saved_tensor_bytes(lambda: model(x))
     half_with_fp32_norm_(model)
     with emulated_half_compute():
-        fp16 = _saved_bytes(model, x.half())
+        fp16 = saved_tensor_bytes(lambda: model(x.half()))
     assert 0.49 < fp16 / fp32 < 0.52
