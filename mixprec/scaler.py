@@ -161,20 +161,24 @@ class DynamicLossScaler:
             raise RuntimeError("unscale_() found no gradients: call it after backward()")
         device = master_grads[0].device
         telemetry = self.telemetry_every is not None and self._steps % self.telemetry_every == 0
-        if telemetry:  # before the copy: with no master weights the two lists are the same tensors
-            zeros = sum((g == 0).sum() for g in model_grads)
-        if master_grads[0] is not model_grads[0]:
+        separate = master_grads[0] is not model_grads[0]  # False without master weights: unscaled in place
+        if telemetry:  # before the copy and the unscale, which (in place) would change what is counted
+            elements = sum(g.numel() for g in model_grads)
+            zeros = elements - sum(torch.count_nonzero(g) for g in model_grads)
+        if separate:
             torch._foreach_copy_(master_grads, model_grads)  # FP16 -> FP32 is exact
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         inv_scale = torch.full((1,), 1.0 / self._scale, dtype=torch.float32, device=device)
         # one fused kernel: grads *= inv_scale, and found_inf = 1 if any element is inf or NaN
         torch._amp_foreach_non_finite_check_and_unscale_(master_grads, found_inf, inv_scale)
         if telemetry:
-            largest = torch.stack(torch._foreach_norm(master_grads, math.inf)).max()
-            underflow = sum(((g != 0) & (g.abs() < FP16_SMALLEST_NORMAL)).sum() for g in master_grads)
-            elements = sum(g.numel() for g in master_grads)
-            self._stats = torch.stack([largest.float(), zeros.float(), underflow.float(),
-                                      torch.tensor(float(elements), device=device)])
+            # aminmax keeps inf/NaN, so an overflowing step shows as largest = inf or NaN
+            largest = torch.stack([torch.stack(torch.aminmax(g)) for g in master_grads]).abs().max()
+            below_normal = sum(torch.count_nonzero(g.abs().lt_(FP16_SMALLEST_NORMAL)) for g in master_grads)
+            # FP16 -> FP32 widening and an FP32 unscale keep every nonzero nonzero; in FP16, in place, not
+            master_zeros = zeros if separate else elements - sum(torch.count_nonzero(g) for g in master_grads)
+            self._stats = torch.stack([largest.float(), zeros.float(), (below_normal - master_zeros).float(),
+                                       torch.tensor(float(elements), device=device)])
         self._unscaled = True
         return found_inf
 

@@ -246,3 +246,13 @@ def test_manual_step_syncs_with_the_host_once():
 def test_bad_arguments_are_rejected(kwargs):
     with pytest.raises(ValueError):
         DynamicLossScaler(**kwargs)
+
+
+def test_telemetry_without_master_weights_counts_in_place_fp16():
+    p = nn.Parameter(torch.zeros(5, dtype=torch.float16))
+    p.grad = torch.tensor([0.0, 2.0**-20, 2.0**-10, 1.0, 3072.0]).half()  # scaled by 2**10
+    s = DynamicLossScaler(init_scale=2.0**10, telemetry_every=1)
+    assert s.unscale_([p], [p]).item() == 0.0
+    assert p.grad.tolist() == [0.0, 0.0, 2.0**-20, 2.0**-10, 3.0]  # 2**-30 is flushed by the FP16 unscale
+    largest, zeros, underflow, elements = s.pop_stats().tolist()
+    assert (largest, zeros, underflow, elements) == (3.0, 1, 1, 5)  # only 2**-20 is left in the subnormal range
