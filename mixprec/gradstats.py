@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from .config import DEVICES, UsageError, _OneLineParser
+from .scaler import FP16_MAX
+from .scaler import FP16_SMALLEST_NORMAL as FP16_MIN_NORMAL
+from .scaler import FP16_SMALLEST_SUBNORMAL as FP16_MIN_SUBNORMAL
 
 PROG = "python -m mixprec.gradstats"
-FP16_MIN_SUBNORMAL = 2.0**-24
-FP16_MIN_NORMAL = 2.0**-14
-FP16_MAX = 65504.0
 KINDS = ("activation", "weight")
 FRACTIONS = ("zero", "underflow_to_zero", "subnormal", "overflow")
 
