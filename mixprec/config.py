@@ -9,8 +9,10 @@ recorded next to them in ``summary.json`` by the trainer.
 from __future__ import annotations
 
 import argparse
+import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 MODES = ("baseline", "amp", "manual")
 SCHEDULES = ("step", "cosine", "cosine-restarts")
@@ -19,6 +21,7 @@ AMP_DTYPES = ("auto", "float16", "bfloat16")
 HALF_COMPUTES = ("auto", "native", "emulated")
 MANUAL_DTYPES = ("float16", "bfloat16")
 ON_MIN_SCALE = ("raise", "skip")
+RESUME_MAY_CHANGE = ("data",)  # options that --resume lets differ from the run's own
 
 
 class UsageError(Exception):
@@ -56,6 +59,7 @@ class RunConfig:
     clip_grad_norm: float | None = None  # every mode
     accumulate: int = 1  # every mode
     telemetry_every: int = 10  # every mode
+    deterministic: bool = False
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(config.json, env.json, epochs.csv, confusion_matrix.csv, summary.json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--mode", required=True, choices=MODES,
+    p.add_argument("--mode", choices=MODES,
                    help="baseline: FP32. amp: torch.autocast + torch.amp.GradScaler. "
                    "manual: FP16 model, FP32 BatchNorm, FP32 master weights, dynamic loss scaler.")
     p.add_argument("--model", default="resnet18", choices=tuple(MODELS),
@@ -158,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on stratified subsets of N images of the test set and at most N of the "
                    "5,000-image validation split (quick runs only; recorded in the summary)")
     p.add_argument("--out", default="results", help="results directory; the run goes to OUT/runs/<name>/")
+    p.add_argument("--deterministic", action="store_true",
+                   help="use PyTorch's deterministic algorithms (slower on CUDA); on a CPU a resumed run then ends "
+                   "bit-identical to an uninterrupted one")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted or failed run in place from its last checkpoint (taken at every "
+                   "epoch's end), with its own options; options given with it must agree with them, but --data "
+                   "may point to another copy of the data")
     g = p.add_argument_group("manual-mode ablations and loss-scaler controls")
     g.add_argument("--loss-scale", default="dynamic",
                    help="dynamic: start at 2^16, halve on overflow, double after 2000 clean steps; none: no "
@@ -195,6 +206,42 @@ def _step_list(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Parse a command line into a validated :class:`RunConfig` (argparse exits 2 on bad input)."""
-    args = build_parser().parse_args(argv)
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[RunConfig, Path | None]:
+    """The command line as a :class:`RunConfig` plus the ``--resume`` run directory, if any.
+
+    With ``--resume``, the configuration is the run's own ``config.json``, and any option given
+    beside it must agree with it (:data:`RESUME_MAY_CHANGE` excepted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     names = {f.name for f in fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if args.resume is None:
+        if args.mode is None:
+            parser.error("the following arguments are required: --mode")
+        return RunConfig(**{k: v for k, v in vars(args).items() if k in names}), None
+
+    run_dir = Path(args.resume)
+    try:
+        stored = config_from_json(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"--resume {run_dir}: not a mixprec run directory ({type(e).__name__} reading "
+                         "config.json); pass a directory under results/runs/") from None
+    for action in parser._actions:  # parse again without defaults: what did the user actually type?
+        action.default = argparse.SUPPRESS
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in names}
+    for key, value in given.items():
+        if key not in RESUME_MAY_CHANGE and value != getattr(stored, key):
+            option = "--no-master-weights" if key == "master_weights" else f"--{key.replace('_', '-')}"
+            raise UsageError(f"--resume {run_dir}: {option} {value!r} conflicts with the run's own "
+                             f"{getattr(stored, key)!r}; drop the option, or start a new run")
+    return replace(stored, **{k: given[k] for k in RESUME_MAY_CHANGE if k in given}), run_dir
+
+
+def config_from_json(saved: dict) -> RunConfig:
+    """A :class:`RunConfig` back from ``config.json`` (JSON turns tuples into lists)."""
+    saved = dict(saved)
+    saved["inject_overflow"] = tuple(saved.get("inject_overflow", ()))
+    known = {f.name for f in fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in saved.items() if k in known})

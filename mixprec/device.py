@@ -5,6 +5,7 @@ Everything else in mixprec is device-agnostic tensor code.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
@@ -25,10 +26,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure(device: torch.device) -> None:
-    """Per-device speed settings: let cuDNN pick the fastest convolution for our fixed shapes."""
+def configure(device: torch.device, deterministic: bool = False) -> None:
+    """Per-device settings: cuDNN autotuning for speed, or PyTorch's deterministic algorithms."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def synchronize(device: torch.device) -> None:
@@ -79,3 +83,17 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def rng_states(device: torch.device) -> dict:
+    """The RNG states a training run draws from (torch CPU, and the device's on CUDA)."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(device: torch.device, states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)

@@ -85,6 +85,11 @@ def write_figure(path: Path, fig) -> None:
     _write_atomic(Path(path), lambda f: f.write(buf.getvalue()), binary=True)
 
 
+def write_torch(path: Path, obj) -> None:
+    """``torch.save`` atomically: a checkpoint is either the old one or the new one, never half of each."""
+    _write_atomic(Path(path), lambda f: torch.save(obj, f), binary=True)
+
+
 def read_json(path: Path):
     with open(path) as f:
         return json.load(f)

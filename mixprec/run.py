@@ -7,14 +7,16 @@ error and exit code 2; a diverged run with ``status: failed`` in its summary and
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import UsageError, parse_args
+from .config import UsageError, parse_command
 from .results import write_json
 
 PROG = "python -m mixprec.run"
@@ -74,12 +76,28 @@ class RunLog:
                 f.write(msg + "\n")
 
 
+class StopRequest(threading.Event):
+    """Set by SIGINT/SIGTERM; the trainer stops after the current step. A second signal stops at once."""
+
+    signum: int | None = None
+
+    def __call__(self, signum, frame):
+        if self.is_set():
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.set()
+
+
 def main(argv: list[str] | None = None) -> int:
     log = RunLog()
+    stop = StopRequest()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: log(f"warning: {message}")
         try:
-            return _run(argv, log)
+            return _run(argv, log, stop)
         except UsageError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
@@ -87,39 +105,71 @@ def main(argv: list[str] | None = None) -> int:
             if log.run_dir is not None:  # a crash still leaves a summary that says what happened
                 write_json(log.run_dir / "summary.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
             raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
-def _run(argv: list[str] | None, log: RunLog) -> int:
-    cfg = parse_args(argv)
+def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
+    cfg, resume_dir = parse_command(argv)
     # imported after parsing, so that --help and a mistyped option answer in ~3 s, not ~8
     import pandas as pd
+    import torch
 
     from .data import load_cifar10, make_splits
     from .device import resolve_device
-    from .results import create_run_dir, environment, write_csv
+    from .results import create_run_dir, environment, read_json, write_csv, write_torch
     from .train import train
 
     device = resolve_device(cfg.device)  # fail on a missing GPU before decoding any data
+    checkpoint = None
+    if resume_dir is not None:
+        checkpoint = _load_checkpoint(resume_dir, read_json, torch)
     splits = make_splits(load_cifar10(cfg.data), cfg.subset, cfg.test_subset)
-    run_dir = log.run_dir = create_run_dir(cfg.out, cfg.model, cfg.mode, cfg.seed)
-    write_json(run_dir / "config.json", asdict(cfg))
-    write_json(run_dir / "env.json", environment(device))
-    log(f"run directory {run_dir}")
-    def save_progress(result):
-        write_csv(run_dir / "epochs.csv", pd.DataFrame(result.epochs))
-        write_csv(run_dir / "steps.csv", pd.DataFrame(result.steps))
+    if resume_dir is None:
+        run_dir = log.run_dir = create_run_dir(cfg.out, cfg.model, cfg.mode, cfg.seed)
+        write_json(run_dir / "config.json", asdict(cfg))
+        write_json(run_dir / "env.json", environment(device))
+        log(f"run directory {run_dir}")
+    else:
+        run_dir = log.run_dir = resume_dir
+        log(f"resuming {run_dir} from its checkpoint after epoch {checkpoint['epoch']}")
 
-    result = train(cfg, splits, log=log, on_epoch=save_progress)
+    def save_progress(result, state: dict, improved: bool):
+        if result.epochs:
+            write_csv(run_dir / "epochs.csv", pd.DataFrame(result.epochs))
+            write_csv(run_dir / "steps.csv", pd.DataFrame(result.steps))
+        write_torch(run_dir / "checkpoint.pt", state)
+        if improved:
+            write_torch(run_dir / "best.pt", {"epoch": state["epoch"], "val_acc": result.epochs[-1]["val_acc"],
+                                              "model": state["model"], "master": state["master"]})
+
+    result = train(cfg, splits, log=log, on_epoch=save_progress, resume=checkpoint, stop=stop)
     if result.test:
         cm = pd.DataFrame(result.test["confusion_matrix"], index=splits.classes, columns=splits.classes)
         write_csv(run_dir / "confusion_matrix.csv", cm.rename_axis("true\\predicted").reset_index())
     write_json(run_dir / "summary.json", summary(cfg, result, splits))
+    if result.status == "interrupted":
+        log(f"{result.error}: python -m mixprec.run --resume {run_dir}")
+        return 128 + (stop.signum or signal.SIGINT)
     if result.status != "completed":
         log(f"failed: {result.error}")
         return 1
     log(f"test accuracy {result.test['accuracy']:.4f}, training {result.train_time_s:.1f}s, "
         f"summary in {run_dir / 'summary.json'}")
     return 0
+
+
+def _load_checkpoint(run_dir: Path, read_json, torch) -> dict:
+    if (run_dir / "summary.json").exists() and read_json(run_dir / "summary.json").get("status") == "completed":
+        raise UsageError(f"--resume {run_dir}: that run has already completed; start a new run")
+    try:
+        return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--resume {run_dir}: no checkpoint.pt in it; start a new run") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so, on one line
+        raise UsageError(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}); "
+                         "start a new run") from None
 
 
 if __name__ == "__main__":

@@ -34,11 +34,15 @@ class Diverged(Exception):
     """The training loss became inf/NaN with no loss scaler to absorb it."""
 
 
+class Interrupted(Exception):
+    """A stop was requested (SIGINT/SIGTERM); the last epoch's checkpoint stands."""
+
+
 @dataclass
 class RunResult:
     """Everything a run measured; ``results``/``run`` turn it into files."""
 
-    status: str  # "completed" or "failed"
+    status: str  # "completed", "failed" or "interrupted"
     error: str | None
     device: str
     amp_dtype: str | None
@@ -99,7 +103,7 @@ class EpochStats:
 
 
 def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, epoch: int, first_step: int,
-                 cfg: RunConfig, scaled: bool, last_finite_loss: float) -> EpochStats:
+                 cfg: RunConfig, scaled: bool, last_finite_loss: float, stop) -> EpochStats:
     model.train()
     n = len(loader)
     losses = torch.full((n,), math.nan, device=loader.labels.device)
@@ -119,6 +123,9 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         skips.append(out.skipped)
         if (stats := precision.pop_stats()) is not None:
             grad_stats[i] = stats  # stays on the device: read once, at the end of the epoch
+        if stop is not None and stop.is_set():  # the step is finished; the rest of the epoch is abandoned
+            raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1}; --resume continues from the start "
+                              f"of epoch {epoch + 1}")
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == n:
             seen = losses[: i + 1]
             finite = torch.isfinite(seen).cpu()  # host sync: progress and the divergence check
@@ -145,36 +152,89 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
     return EpochStats(mean_loss, int(correct) / images, sum(skips), images, last_finite_loss, rows)
 
 
-def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult], None] | None = None,
-          log: Callable[[str], None] = print) -> RunResult:
+def _numpy_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+            "cached_gaussian": cached}
+
+
+def _set_numpy_state(state: dict) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached_gaussian"]))
+
+
+def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict, bool], None] | None = None,
+          log: Callable[[str], None] = print, resume: dict | None = None, stop=None) -> RunResult:
     """Train ``cfg.model`` in ``cfg.mode`` on ``splits`` and evaluate it on the test split.
 
-    With the same seed, every mode starts from the same FP32 weights and sees the same batches."""
+    With the same seed, every mode starts from the same FP32 weights and sees the same batches.
+
+    ``on_epoch(result, checkpoint, improved)`` is called before the first epoch and after every epoch
+    with the state to save (``checkpoint``: everything :func:`train` needs to go on, for ``resume``)
+    and whether the validation accuracy improved. ``stop`` (a ``threading.Event``) ends the run as
+    ``interrupted`` after the current step."""
     device = dev.resolve_device(cfg.device)
-    dev.configure(device)
+    dev.configure(device, cfg.deterministic)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, num_classes=len(splits.classes)).to(device)
     params = count_params(model)
     precision = setup_precision(cfg, model, device)
     train_loader = CifarLoader(*splits.train, cfg.batch_size, train=True, device=device, seed=cfg.seed)
-    scheduler = make_scheduler(cfg, precision.optimizer, len(train_loader))
     val_loader = CifarLoader(*splits.val, EVAL_BATCH_SIZE, train=False, device=device)
     test_loader = CifarLoader(*splits.test, EVAL_BATCH_SIZE, train=False, device=device)
+    scheduler = make_scheduler(cfg, precision.optimizer, len(train_loader))
     result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params,
                        notes=precision.notes)
+    scaled = precision.loss_scale() is not None
+    start_epoch, best_val_acc, last_finite_loss = 0, -1.0, math.nan
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        if resume["master"] is not None:
+            precision.master.load_state_dict(resume["master"])
+        precision.optimizer.load_state_dict(resume["optimizer"])
+        if resume["scaler"] is not None:
+            precision.scaler.load_state_dict(resume["scaler"])
+        scheduler.load_state_dict(resume["scheduler"])
+        dev.set_rng_states(device, resume["rng"])
+        _set_numpy_state(resume["numpy_rng"])
+        random.setstate(resume["python_rng"])
+        progress = resume["progress"]
+        for key in ("epochs", "steps", "train_time_s", "train_images", "skipped_steps"):
+            setattr(result, key, progress[key])
+        start_epoch, best_val_acc, last_finite_loss = resume["epoch"], progress["best_val_acc"], \
+            progress["last_finite_loss"]
+        train_loader.set_epoch(start_epoch)  # the loader's position: epoch e's order comes from seed + e
+
+    def checkpoint(epochs_done: int) -> dict:
+        return {
+            "epoch": epochs_done,
+            "model": model.state_dict(),
+            "master": precision.master.state_dict() if precision.master and precision.master.enabled else None,
+            "optimizer": precision.optimizer.state_dict(),
+            "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
+            "scheduler": scheduler.state_dict(),
+            "rng": dev.rng_states(device), "numpy_rng": _numpy_state(), "python_rng": random.getstate(),
+            "progress": {"epochs": result.epochs, "steps": result.steps, "train_time_s": result.train_time_s,
+                         "train_images": result.train_images, "skipped_steps": result.skipped_steps,
+                         "best_val_acc": best_val_acc, "last_finite_loss": last_finite_loss},
+        }
+
     log(f"{cfg.model} ({params / 1e6:.2f}M params), mode {cfg.mode}: {precision.describe()}; "
         f"device {device} ({dev.device_name(device)}); {len(splits.train[1])} train / "
-        f"{len(splits.val[1])} val / {len(splits.test[1])} test images")
+        f"{len(splits.val[1])} val / {len(splits.test[1])} test images"
+        + (f"; resuming after epoch {start_epoch}" if resume is not None else ""))
+    if on_epoch and resume is None:
+        on_epoch(result, checkpoint(0), False)  # so that an interruption in epoch 1 has a checkpoint too
 
-    scaled = precision.loss_scale() is not None
-    last_finite_loss = math.nan
     dev.reset_peak_memory(device)
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(start_epoch, cfg.epochs):
+            if stop is not None and stop.is_set():
+                raise Interrupted(f"interrupted before epoch {epoch + 1}; --resume continues there")
             lr = precision.optimizer.param_groups[0]["lr"]
             with dev.Timer(device) as t:
                 stats = _train_epoch(precision, scheduler, model, train_loader, epoch, len(result.steps) + 1, cfg,
-                                     scaled, last_finite_loss)
+                                     scaled, last_finite_loss, stop)
             last_finite_loss = stats.last_finite_loss
             result.steps += stats.steps
             result.train_time_s += t.seconds
@@ -189,10 +249,16 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult], Non
                 f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {t.seconds:.1f}s "
                 f"({stats.images / t.seconds:.0f} img/s)"
                 + (f"  loss scale {row['loss_scale']:g}, {stats.skipped_steps} skipped" if scaled else ""))
+            improved = val_acc > best_val_acc
+            best_val_acc = max(best_val_acc, val_acc)
             if on_epoch:
-                on_epoch(result)
+                on_epoch(result, checkpoint(epoch + 1), improved)
+        if stop is not None and stop.is_set():
+            raise Interrupted("interrupted before the test evaluation; --resume runs it")
     except (Diverged, LossScaleCollapse) as e:
         result.status, result.error = "failed", str(e)
+    except Interrupted as e:
+        result.status, result.error = "interrupted", str(e)
     result.peak_memory_bytes = dev.peak_memory_bytes(device)
     result.final_loss_scale = precision.loss_scale()
     if result.status == "completed":
