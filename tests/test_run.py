@@ -145,3 +145,75 @@ def test_help_documents_every_option():
     for field in RunConfig.__dataclass_fields__:
         option = "--no-master-weights" if field == "master_weights" else f"--{field.replace('_', '-')}"
         assert option in proc.stdout
+
+
+def _bad_path(case, tiny_cifar, tmp_path):
+    """Build the broken input for one case; returns (extra args, expected message)."""
+    if case == "empty data dir":
+        (tmp_path / "empty").mkdir()
+        return ["--data", str(tmp_path / "empty")], "is empty"
+    if case == "truncated archive":
+        raw = tiny_cifar["tar"].read_bytes()
+        (tmp_path / "cut.tar.gz").write_bytes(raw[: len(raw) // 3])
+        return ["--data", str(tmp_path / "cut.tar.gz")], "truncated or corrupt"
+    if case == "missing batch":
+        folder = tmp_path / "p" / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for f in (tiny_cifar["pickles"] / "cifar-10-batches-py").iterdir():
+            if f.name != "data_batch_2":
+                (folder / f.name).write_bytes(f.read_bytes())
+        return ["--data", str(tmp_path / "p")], "data_batch_2 is missing"
+    if case == "unwritable out":
+        (tmp_path / "a_file").write_text("not a directory")
+        return ["--data", str(tiny_cifar["pickles"]), "--out", str(tmp_path / "a_file" / "results")], \
+            "pass --out with a writable directory"
+    if case == "resume of a non-run":
+        return ["--resume", str(tmp_path)], "not a mixprec run directory"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["empty data dir", "truncated archive", "missing batch", "unwritable out",
+                                  "resume of a non-run"])
+def test_bad_paths_are_one_line_and_nonzero_without_traceback(case, tiny_cifar, tmp_path):
+    extra, expect = _bad_path(case, tiny_cifar, tmp_path)
+    args = ["--mode", "manual", "--out", str(tmp_path / "out")] + extra
+    proc = subprocess.run([sys.executable, "-m", "mixprec.run", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], proc.stderr
+
+
+def test_float16_autocast_on_cpu_warns_and_runs(tiny_cifar, tmp_path, capsys, monkeypatch):
+    from mixprec import models
+    from tests.test_ablations import TinyNet
+
+    monkeypatch.setitem(models.MODELS, "tiny", TinyNet)
+    code = main(["--mode", "amp", "--amp-dtype", "float16", "--model", "tiny", "--epochs", "1", "--batch-size", "32",
+                 "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    assert "warning: --amp-dtype float16 on a CPU runs PyTorch's slow FP16 kernels" in capsys.readouterr().err
+    assert json.loads((_only_run(tmp_path) / "summary.json").read_text())["amp_dtype"] == "float16"
+
+
+def test_concurrent_runs_share_a_results_directory_safely(tiny_cifar, tmp_path):
+    args = ["--mode", "manual", "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+            "--data", str(tiny_cifar["pickles"]), "--out", str(tmp_path)]
+    procs = [subprocess.Popen([sys.executable, "-m", "mixprec.run", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_run_failed_in_epoch_two_keeps_epoch_one(tiny_cifar, tmp_path):
+    # 2**16 halves to 1 after 16 overflows; the 17th, in epoch 2 (11 steps an epoch), would go below min_scale=1
+    code = main(["--mode", "manual", "--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+                 "--inject-overflow", ",".join(map(str, range(1, 20))), "--data", str(tiny_cifar["pickles"]),
+                 "--out", str(tmp_path)])
+    assert code == 1
+    run = _only_run(tmp_path)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "failed" and "min_scale=1" in s["error"]
+    assert len(pd.read_csv(run / "epochs.csv")) == 1
