@@ -315,12 +315,21 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator)
 
     Crop and flip are one advanced-indexing gather on the whole batch. The random numbers come from
     a CPU generator so a seed gives the same augmentation on every device."""
+    return _crop_flip(images, pad, _draw_crop_flip(len(images), pad, generator))
+
+
+def _draw_crop_flip(batch: int, pad: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    dy = torch.randint(0, 2 * pad + 1, (batch, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (batch, 1), generator=generator)
+    flip = torch.rand(batch, 1, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def _crop_flip(images: torch.Tensor, pad: int, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
     b, c, h, w = images.shape
     dev = images.device
+    dy, dx, flip = (t.to(dev) for t in draws)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(dev)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(dev)
-    flip = (torch.rand(b, 1, generator=generator) < 0.5).to(dev)
     rows = dy + torch.arange(h, device=dev)
     cols = dx + torch.arange(w, device=dev)
     cols = torch.where(flip, cols.flip(1), cols)
@@ -336,7 +345,8 @@ class CifarLoader:
     order, whole. Batches are normalized float32 ``B x 3 x 32 x 32`` with int64 labels.
 
     As with ``DistributedSampler``, epoch ``e`` draws its order and augmentation from
-    ``seed + e``; the epoch advances by one at every pass, or is set with :meth:`set_epoch`.
+    ``seed + e``; the epoch advances by one at every pass, or is set with :meth:`set_epoch`, which can
+    also start the next pass part-way (a resumed run), with the same batches as an unbroken pass.
 
     Example::
 
@@ -359,16 +369,19 @@ class CifarLoader:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
         self.epoch = 0
+        self.start_batch = 0
 
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next pass epoch ``epoch``, starting at its batch ``start_batch``."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self):
         n = len(self.labels)
+        start, self.start_batch = self.start_batch, 0
         if self.train:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=g).to(self.labels.device)
@@ -377,7 +390,12 @@ class CifarLoader:
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if self.train:
                 idx = order[sl]
-                x, y = random_crop_flip(self.images[idx], self.pad, g), self.labels[idx]
+                draws = _draw_crop_flip(len(idx), self.pad, g)  # drawn for skipped batches too
+                if i < start:
+                    continue
+                x, y = _crop_flip(self.images[idx], self.pad, draws), self.labels[idx]
+            elif i < start:
+                continue
             else:
                 x, y = self.images[sl], self.labels[sl]
             yield (x.float() - self.mean) / self.std, y

@@ -35,7 +35,11 @@ class Diverged(Exception):
 
 
 class Interrupted(Exception):
-    """A stop was requested (SIGINT/SIGTERM); the last epoch's checkpoint stands."""
+    """A stop was requested (SIGINT/SIGTERM). ``partial`` holds the interrupted epoch's progress."""
+
+    def __init__(self, message: str, partial: dict | None = None):
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass
@@ -100,19 +104,29 @@ class EpochStats:
     images: int
     last_finite_loss: float
     steps: list[dict]  # one row per optimizer step, for steps.csv
+    seconds_before: float  # training time this epoch had before an interruption (0 if none)
 
 
 def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, epoch: int, first_step: int,
-                 cfg: RunConfig, scaled: bool, last_finite_loss: float, stop) -> EpochStats:
+                 cfg: RunConfig, scaled: bool, last_finite_loss: float, stop, partial: dict | None) -> EpochStats:
+    """One pass over ``loader``; ``partial`` continues an epoch that an interruption cut short."""
     model.train()
     n = len(loader)
-    losses = torch.full((n,), math.nan, device=loader.labels.device)
-    correct = torch.zeros((), dtype=torch.int64, device=loader.labels.device)
-    lrs, scales, skips, grad_stats = [], [], [], {}
+    device = loader.labels.device
+    if partial is None:
+        losses = torch.full((n,), math.nan, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        lrs, scales, skips, grad_stats, begin, seconds_before = [], [], [], {}, 0, 0.0
+    else:
+        losses, correct = partial["losses"].to(device), partial["correct"].to(device)
+        lrs, scales, skips = partial["lrs"], partial["scales"], partial["skips"]
+        grad_stats = {int(k): v.to(device) for k, v in partial["grad_stats"].items()}
+        begin, seconds_before, last_finite_loss = partial["steps_done"], partial["seconds"], partial["last_finite_loss"]
+    loader.set_epoch(epoch, start_batch=begin)
     start = time.perf_counter()
-    bar = tqdm(loader, total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+    bar = tqdm(loader, total=n, initial=begin, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                file=sys.stderr, dynamic_ncols=True, disable=None)
-    for i, (images, labels) in enumerate(bar):
+    for i, (images, labels) in enumerate(bar, start=begin):
         lrs.append(precision.optimizer.param_groups[0]["lr"])
         out = precision.step(images, labels)
         if not out.skipped:
@@ -123,9 +137,12 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         skips.append(out.skipped)
         if (stats := precision.pop_stats()) is not None:
             grad_stats[i] = stats  # stays on the device: read once, at the end of the epoch
-        if stop is not None and stop.is_set():  # the step is finished; the rest of the epoch is abandoned
-            raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1}; --resume continues from the start "
-                              f"of epoch {epoch + 1}")
+        if stop is not None and stop.is_set():  # the step is finished: save the epoch so far
+            dev.synchronize(device)
+            partial = {"steps_done": i + 1, "losses": losses.cpu(), "correct": correct.cpu(), "lrs": lrs,
+                       "scales": scales, "skips": skips, "grad_stats": {k: v.cpu() for k, v in grad_stats.items()},
+                       "seconds": seconds_before + time.perf_counter() - start, "last_finite_loss": last_finite_loss}
+            raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1} of {n}", partial)
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == n:
             seen = losses[: i + 1]
             finite = torch.isfinite(seen).cpu()  # host sync: progress and the divergence check
@@ -138,7 +155,7 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
             if finite.any():
                 last_finite_loss = float(seen[finite.nonzero()[-1]])
             bar.set_postfix(loss=f"{last_finite_loss:.3f}",
-                            img_s=f"{(i + 1) * loader.batch_size / (time.perf_counter() - start):.0f}")
+                            img_s=f"{(i + 1 - begin) * loader.batch_size / (time.perf_counter() - start):.0f}")
     finite = torch.isfinite(losses)
     mean_loss = float(losses[finite].mean()) if bool(finite.any()) else math.nan
     images = n * loader.batch_size
@@ -149,7 +166,7 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         rows.append(dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
                          grad_max_abs=largest, grad_zero_frac=zeros / elements,
                          grad_underflow_frac=underflow / elements))
-    return EpochStats(mean_loss, int(correct) / images, sum(skips), images, last_finite_loss, rows)
+    return EpochStats(mean_loss, int(correct) / images, sum(skips), images, last_finite_loss, rows, seconds_before)
 
 
 def _numpy_state() -> dict:
@@ -203,11 +220,12 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             setattr(result, key, progress[key])
         start_epoch, best_val_acc, last_finite_loss = resume["epoch"], progress["best_val_acc"], \
             progress["last_finite_loss"]
-        train_loader.set_epoch(start_epoch)  # the loader's position: epoch e's order comes from seed + e
+        # the loader's position is (epoch, batch): epoch e's order and augmentation come from seed + e
 
-    def checkpoint(epochs_done: int) -> dict:
+    def checkpoint(epochs_done: int, partial_epoch: dict | None = None) -> dict:
         return {
             "epoch": epochs_done,
+            "partial_epoch": partial_epoch,  # the next epoch's progress when an interruption cut it short
             "model": model.state_dict(),
             "master": precision.master.state_dict() if precision.master and precision.master.enabled else None,
             "optimizer": precision.optimizer.state_dict(),
@@ -231,23 +249,25 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         for epoch in range(start_epoch, cfg.epochs):
             if stop is not None and stop.is_set():
                 raise Interrupted(f"interrupted before epoch {epoch + 1}; --resume continues there")
-            lr = precision.optimizer.param_groups[0]["lr"]
+            partial = resume.get("partial_epoch") if resume is not None and epoch == start_epoch else None
             with dev.Timer(device) as t:
                 stats = _train_epoch(precision, scheduler, model, train_loader, epoch, len(result.steps) + 1, cfg,
-                                     scaled, last_finite_loss, stop)
+                                     scaled, last_finite_loss, stop, partial)
+            seconds = stats.seconds_before + t.seconds
             last_finite_loss = stats.last_finite_loss
             result.steps += stats.steps
-            result.train_time_s += t.seconds
+            result.train_time_s += seconds
             result.train_images += stats.images
             result.skipped_steps += stats.skipped_steps
             val_loss, val_acc, _ = evaluate(precision, model, val_loader)
+            lr = stats.steps[0]["lr"]  # at the epoch's first step, also when it was resumed part-way
             row = dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy, val_loss=val_loss,
-                       val_acc=val_acc, lr=lr, epoch_time_s=t.seconds, loss_scale=precision.loss_scale(),
+                       val_acc=val_acc, lr=lr, epoch_time_s=seconds, loss_scale=precision.loss_scale(),
                        skipped_steps=stats.skipped_steps)
             result.epochs.append(row)
             log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
-                f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {t.seconds:.1f}s "
-                f"({stats.images / t.seconds:.0f} img/s)"
+                f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {seconds:.1f}s "
+                f"({stats.images / seconds:.0f} img/s)"
                 + (f"  loss scale {row['loss_scale']:g}, {stats.skipped_steps} skipped" if scaled else ""))
             improved = val_acc > best_val_acc
             best_val_acc = max(best_val_acc, val_acc)
@@ -259,6 +279,8 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         result.status, result.error = "failed", str(e)
     except Interrupted as e:
         result.status, result.error = "interrupted", str(e)
+        if on_epoch and e.partial is not None:  # the model has moved on since the epoch's start: save it
+            on_epoch(result, checkpoint(epoch, e.partial), False)
     result.peak_memory_bytes = dev.peak_memory_bytes(device)
     result.final_loss_scale = precision.loss_scale()
     if result.status == "completed":

@@ -135,3 +135,15 @@ def test_loader_rejects_a_split_smaller_than_a_batch(tiny_cifar):
     arrays = load_cifar10(tiny_cifar["pickles"])
     with pytest.raises(UsageError, match="fewer than one batch"):
         _loader(arrays, True, batch_size=256)
+
+
+def test_a_pass_started_part_way_serves_the_same_batches(tiny_cifar):
+    arrays = load_cifar10(tiny_cifar["pickles"])
+    full = list(_loader(arrays, True, seed=5))
+    late = _loader(arrays, True, seed=5)
+    late.set_epoch(0, start_batch=3)
+    rest = list(late)
+    assert len(rest) == len(full) - 3
+    for (xa, ya), (xb, yb) in zip(full[3:], rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert late.epoch == 1 and len(list(late)) == len(full)  # the next pass is whole again

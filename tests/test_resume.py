@@ -115,3 +115,49 @@ def test_resume_refuses_with_one_line(case, expect, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expect in err[0]
+
+
+class StopAfter:
+    """A stop request that turns true at its n-th check (checked before each epoch and after each step)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def is_set(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_a_run_stopped_mid_epoch_resumes_from_that_step(tiny_cifar):
+    import io
+
+    from mixprec.data import load_cifar10, make_splits
+    from mixprec.train import train
+
+    splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
+    cfg = RunConfig(mode="manual", model="resnet20", epochs=3, batch_size=32, device="cpu", telemetry_every=2)
+
+    def run(**kw):
+        saved = {}
+
+        def on_epoch(result, state, improved):  # through bytes, as a checkpoint file would be
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            buf.seek(0)
+            saved["checkpoint"] = torch.load(buf, weights_only=True)
+
+        return train(cfg, splits, on_epoch=on_epoch, log=lambda msg: None, **kw), saved["checkpoint"]
+
+    full, end = run()
+    # checks: before epoch 1, its 5 steps, before epoch 2, epoch 2's steps 1 and 2 -> stop after step 2
+    cut, mid = run(stop=StopAfter(9))
+    assert cut.status == "interrupted" and "epoch 2, step 2 of 5" in cut.error
+    assert mid["epoch"] == 1 and mid["partial_epoch"]["steps_done"] == 2
+    resumed, end2 = run(resume=mid)
+    assert resumed.status == "completed"
+    for key in end["model"]:
+        assert torch.equal(end["model"][key], end2["model"][key]), key
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+    assert drop(full.epochs) == drop(resumed.epochs)
+    pd.testing.assert_frame_equal(pd.DataFrame(full.steps), pd.DataFrame(resumed.steps))
+    assert full.test == resumed.test and full.train_images == resumed.train_images
