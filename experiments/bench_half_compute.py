@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 import sys
 import time
 
@@ -63,7 +64,7 @@ def main() -> int:
                                                           if len(v) == r + 1), file=sys.stderr)
 
     median = {n: statistics.median(v) for n, v in times.items()}
-    saved = {n: saved_tensor_bytes(lambda: prec.forward(x)) for n, prec in precisions.items()}
+    saved = {n: saved_tensor_bytes(partial(prec.forward, x)) for n, prec in precisions.items()}
     print(f"{args.model}, batch {args.batch_size}, {device_name(device)} "
           f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'variant':<18}{'median step s':>14}{'vs FP32':>9}{'saved MiB':>11}{'vs FP32':>9}")

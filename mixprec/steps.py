@@ -134,18 +134,7 @@ class Precision:
     master: MasterWeights | None = None
     scaler: DynamicLossScaler | torch.amp.GradScaler | None = None
     notes: list[str] = field(default_factory=list)  # caveats recorded in the summary
-    master_desc: str = ""  # manual mode: model dtype, BatchNorm, master weights
-    scaler_desc: str = ""  # manual mode: the loss-scaling policy
-
-    def describe(self) -> str:
-        if self.half_compute:
-            how = {"emulated": "emulated tensor-core arithmetic (half operands, FP32 accumulation)",
-                   "native": "native half kernels"}[self.half_compute]
-            return f"{self.master_desc}, {how}, {self.scaler_desc}"
-        if self.amp_dtype:
-            scaling = f"GradScaler at {self.loss_scale():g}" if self.loss_scale() else "no loss scaler"
-            return f"torch.autocast({self.amp_dtype}), {scaling}"
-        return "FP32"
+    description: str = "FP32"  # for the run's first log line
 
     def pop_stats(self) -> torch.Tensor | None:
         """Gradient statistics the scaler measured at the last step, if any (manual mode)."""
@@ -180,10 +169,10 @@ def make_loss_scaler(cfg: RunConfig) -> DynamicLossScaler:
 
 def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> Precision:
     """Prepare ``model`` (FP32, on ``device``) for ``cfg.mode`` and build its optimizer."""
-    steps = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm)
+    step_options = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm)
     if cfg.mode == "baseline":
         opt = _sgd(model.parameters(), cfg)
-        return Precision(partial(baseline_step, model, opt, **steps), model, opt, lambda: None)
+        return Precision(partial(baseline_step, model, opt, **step_options), model, opt, lambda: None)
 
     if cfg.mode == "amp":
         dtype = resolve_amp_dtype(cfg.amp_dtype, device)
@@ -203,9 +192,11 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
             with autocast:
                 return model(images)
 
-        return Precision(partial(amp_step, model, opt, autocast=autocast, scaler=injected, **steps), forward, opt,
-                         lambda: scaler.get_scale() if scaler.is_enabled() else None,
-                         amp_dtype=str(dtype).removeprefix("torch."), scaler=scaler)
+        amp_dtype = str(dtype).removeprefix("torch.")
+        scaling = f"GradScaler from {scaler.get_scale():g}" if scaler.is_enabled() else "no loss scaler"
+        return Precision(partial(amp_step, model, opt, autocast=autocast, scaler=injected, **step_options), forward, opt,
+                         lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=amp_dtype,
+                         scaler=scaler, description=f"torch.autocast({amp_dtype}), {scaling}")
 
     if cfg.mode == "manual":
         how = resolve_half_compute(cfg.half_compute, device)
@@ -231,12 +222,14 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
                          "anyway (--loss-scale none drops it)")
         norm = "FP16" if cfg.fp16_batchnorm else "FP32"
         weights = "FP32 master weights" if cfg.master_weights else "no master weights (updated in half)"
+        arithmetic = {"emulated": "emulated tensor-core arithmetic (half operands, FP32 accumulation)",
+                      "native": "native half kernels"}[how]
         scaling = {"dynamic": "dynamic loss scale from {:g}", "none": "no loss scaling (scale {:g})"}.get(
             cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
         step = partial(manual_step, model, opt, master=master, scaler=injected, dtype=dtype,
-                       half_compute=half_compute, **steps)
+                       half_compute=half_compute, **step_options)
         return Precision(step, forward, opt, scaler.get_scale, half_compute=how, master=master, scaler=scaler,
-                         notes=notes, master_desc=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}",
-                         scaler_desc=scaling)
+                         notes=notes, description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, "
+                                                  f"{arithmetic}, {scaling}")
 
     raise UsageError(f"unknown mode {cfg.mode!r}")

@@ -237,7 +237,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
                          "best_val_acc": best_val_acc, "last_finite_loss": last_finite_loss},
         }
 
-    log(f"{cfg.model} ({params / 1e6:.2f}M params), mode {cfg.mode}: {precision.describe()}; "
+    log(f"{cfg.model} ({params / 1e6:.2f}M params), mode {cfg.mode}: {precision.description}; "
         f"device {device} ({dev.device_name(device)}); {len(splits.train[1])} train / "
         f"{len(splits.val[1])} val / {len(splits.test[1])} test images"
         + (f"; resuming after epoch {start_epoch}" if resume is not None else ""))

@@ -1,6 +1,5 @@
 """The manual mode's ablations and scaler controls, on a tiny CNN so that each test takes seconds."""
 
-import math
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Nothing lost: checkpoints, resume, interruption by signal, and resume's refusals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

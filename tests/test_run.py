@@ -67,8 +67,7 @@ def test_one_epoch_smoke_run_on_cifar10(mode, real_data, tmp_path):
         assert s["final_loss_scale"] is None  # bfloat16 autocast runs without a scaler
 
 
-def test_modes_start_from_the_same_weights(tiny_cifar):
-    from mixprec.data import load_cifar10, make_splits
+def test_modes_start_from_the_same_weights():
     from mixprec.models import build_model
     from mixprec.steps import setup_precision
     from mixprec.train import seed_everything

@@ -116,7 +116,7 @@ def test_master_weights_are_the_fp32_init_and_norm_layers_stay_fp32():
     assert model[1].running_var.dtype == torch.float32
     assert all(torch.equal(a, m) for a, m in zip(init, master.params))
     with torch.no_grad():
-        master.params[0].add_(1e-4)  # below FP16's resolution near 1 for some weights, fine for FP32
+        master.params[0].add_(1e-4)  # an FP32 update; copy_to_model_ rounds it into the FP16 model
     master.copy_to_model_()
     assert torch.equal(model[0].weight, master.params[0].half())
 
