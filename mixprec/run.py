@@ -1,8 +1,10 @@
 """``python -m mixprec.run --mode baseline|amp|manual``: train one model in one mode, write its run directory.
 
-Writes ``config.json``, ``env.json`` and ``train.log`` first, ``epochs.csv`` after every epoch,
-and ``confusion_matrix.csv`` and ``summary.json`` at the end. Bad input ends with a one-line
-error and exit code 2; a diverged run with ``status: failed`` in its summary and exit code 1.
+Writes ``config.json``, ``env.json`` and ``train.log`` first; ``epochs.csv``, ``steps.csv`` and
+``checkpoint.pt`` (and ``best.pt`` when validation accuracy improves) after every epoch; and
+``confusion_matrix.csv`` and ``summary.json`` at the end. Exit codes: 0 completed; 1 failed (diverged,
+or the loss scale collapsed), with the reason in the summary; 2 bad input, with a one-line error;
+130/143 interrupted by SIGINT/SIGTERM, after a checkpoint (``--resume RUN_DIR`` continues).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def summary(cfg, result, splits) -> dict:
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "epochs_completed": len(result.epochs),
+        "deterministic": cfg.deterministic,
         "device": result.device,
         "amp_dtype": result.amp_dtype,
         "half_compute": result.half_compute,

@@ -1,7 +1,8 @@
 """The training loop shared by all modes: seeding, epochs, evaluation, timing. No file I/O.
 
-``train(cfg, splits)`` returns a :class:`RunResult`; ``on_epoch`` is called with the rows so far
-after every epoch, so that the caller can save them as it goes.
+``train(cfg, splits)`` returns a :class:`RunResult`. ``on_epoch`` hands the caller the results so far
+and a checkpoint to save after every epoch (and before the first, and on interruption); ``resume``
+continues from such a checkpoint, and ``stop`` ends the run after the step in progress.
 """
 
 from __future__ import annotations
