@@ -2,29 +2,63 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 
-def saved_tensor_bytes(forward: Callable[[], object]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``forward()`` runs, each storage once.
+class SavedTensorBytes:
+    """Counts the bytes of the tensors autograd saves for backward inside a ``with`` block.
 
     These are the activations a training step keeps alive between forward and backward: the part of
-    memory that half precision halves. Views of one storage (an in-place ReLU's output, a reshape)
-    count once.
+    memory that half precision halves. Each storage counts once, so views (an in-place ReLU's
+    output, a reshape) are not counted twice. The tensors themselves are left untouched.
 
     Example::
 
-        saved_tensor_bytes(lambda: model(images))  # resnet20, batch 128, FP32: ~193 MiB
+        with SavedTensorBytes() as saved:
+            loss = model(images).sum()
+        saved.bytes  # resnet20, batch 128, FP32: ~193 MiB
     """
-    storages: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def __enter__(self) -> SavedTensorBytes:
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        self._storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self.bytes = sum(self._storages.values())
+
+
+def saved_tensor_bytes(forward: Callable[[], object]) -> int:
+    """Bytes saved for backward while ``forward()`` runs (see :class:`SavedTensorBytes`)."""
+    with SavedTensorBytes() as saved:
         forward()
-    return sum(storages.values())
+    return saved.bytes
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def breakdown(model: torch.nn.Module, master, optimizer: torch.optim.Optimizer, activations: int) -> dict:
+    """Bytes by role after a training step: the model the forward pass uses (parameters and buffers),
+    FP32 master weights (0 without), gradients (the model's and the master's), optimizer state
+    (momentum buffers), and ``activations`` as measured by :class:`SavedTensorBytes`."""
+    own_master = master is not None and master.enabled
+    return {
+        "weights": tensor_bytes([*model.parameters(), *model.buffers()]),
+        "master_weights": tensor_bytes(master.params) if own_master else 0,
+        "grads": tensor_bytes(p.grad for p in model.parameters())
+        + (tensor_bytes(m.grad for m in master.params) if own_master else 0),
+        "optimizer_state": tensor_bytes(v for state in optimizer.state.values() for v in state.values()
+                                        if isinstance(v, torch.Tensor)),
+        "activations": activations,
+    }

@@ -48,6 +48,7 @@ def summary(cfg, result, splits) -> dict:
         "train_time_s": result.train_time_s,
         "images_per_s": result.train_images / result.train_time_s if result.train_time_s else None,
         "peak_memory_bytes": result.peak_memory_bytes,
+        "memory": result.memory,
         "skipped_steps": result.skipped_steps if cfg.mode != "baseline" else None,
         "final_loss_scale": result.final_loss_scale,
         "ablation": {k: getattr(cfg, k) for k in ABLATION_OPTIONS},

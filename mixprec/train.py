@@ -12,6 +12,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from . import device as dev
 from .config import RunConfig
 from .data import CifarLoader, Splits
+from .memory import SavedTensorBytes, breakdown
 from .models import build_model, count_params
 from .scaler import LossScaleCollapse
 from .steps import Precision, setup_precision
@@ -61,6 +63,7 @@ class RunResult:
     skipped_steps: int = 0
     final_loss_scale: float | None = None
     peak_memory_bytes: int = 0
+    memory: dict | None = None  # bytes by role on one real training step (memory.breakdown)
     test: dict | None = None  # accuracy, loss, per_class_accuracy, confusion_matrix
 
 
@@ -106,11 +109,14 @@ class EpochStats:
     last_finite_loss: float
     steps: list[dict]  # one row per optimizer step, for steps.csv
     seconds_before: float  # training time this epoch had before an interruption (0 if none)
+    memory: dict  # bytes by role, measured on this process's first step
 
 
 def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, epoch: int, first_step: int,
-                 cfg: RunConfig, scaled: bool, last_finite_loss: float, stop, partial: dict | None) -> EpochStats:
-    """One pass over ``loader``; ``partial`` continues an epoch that an interruption cut short."""
+                 cfg: RunConfig, scaled: bool, last_finite_loss: float, stop, partial: dict | None,
+                 memory: dict | None) -> EpochStats:
+    """One pass over ``loader``; ``partial`` continues an epoch that an interruption cut short.
+    Without a ``memory`` breakdown yet, the first step measures one."""
     model.train()
     n = len(loader)
     device = loader.labels.device
@@ -129,7 +135,10 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
                file=sys.stderr, dynamic_ncols=True, disable=None)
     for i, (images, labels) in enumerate(bar, start=begin):
         lrs.append(precision.optimizer.param_groups[0]["lr"])
-        out = precision.step(images, labels)
+        with SavedTensorBytes() if memory is None else nullcontext() as saved:
+            out = precision.step(images, labels)
+        if memory is None:
+            memory = breakdown(model, precision.master, precision.optimizer, saved.bytes)
         if not out.skipped:
             scheduler.step()
         losses[i] = out.loss
@@ -167,7 +176,8 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         rows.append(dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
                          grad_max_abs=largest, grad_zero_frac=zeros / elements,
                          grad_underflow_frac=underflow / elements))
-    return EpochStats(mean_loss, int(correct) / images, sum(skips), images, last_finite_loss, rows, seconds_before)
+    return EpochStats(mean_loss, int(correct) / images, sum(skips), images, last_finite_loss, rows, seconds_before,
+                      memory)
 
 
 def _numpy_state() -> dict:
@@ -253,7 +263,8 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             partial = resume.get("partial_epoch") if resume is not None and epoch == start_epoch else None
             with dev.Timer(device) as t:
                 stats = _train_epoch(precision, scheduler, model, train_loader, epoch, len(result.steps) + 1, cfg,
-                                     scaled, last_finite_loss, stop, partial)
+                                     scaled, last_finite_loss, stop, partial, result.memory)
+            result.memory = stats.memory
             seconds = stats.seconds_before + t.seconds
             last_finite_loss = stats.last_finite_loss
             result.steps += stats.steps

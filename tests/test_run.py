@@ -33,6 +33,8 @@ def _check_run_dir(run: Path, mode: str, classes: int = 10) -> dict:
     assert len(cm) == classes and sum(map(sum, cm)) == s["test_images"]
     assert abs(sum(cm[i][i] for i in range(classes)) / s["test_images"] - s["test_accuracy"]) < 1e-6
     assert s["train_time_s"] > 0 and s["images_per_s"] > 0 and s["peak_memory_bytes"] > 0 and s["params"] > 0
+    assert set(s["memory"]) == {"weights", "master_weights", "grads", "optimizer_state", "activations"}
+    assert (s["memory"]["master_weights"] > 0) == (mode == "manual") and s["memory"]["activations"] > 0
     if mode == "baseline":
         assert s["skipped_steps"] is None and s["final_loss_scale"] is None
     else:
