@@ -167,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "bit-identical to an uninterrupted one")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted or failed run in place from its last checkpoint (taken at every "
-                   "epoch's end), with its own options; options given with it must agree with them, but --data "
-                   "may point to another copy of the data")
+                   "epoch's end and where a SIGINT/SIGTERM stopped it), with its own options; options given with "
+                   "it must agree with them, but --data may point to another copy of the data")
     g = p.add_argument_group("manual-mode ablations and loss-scaler controls")
     g.add_argument("--loss-scale", default="dynamic",
                    help="dynamic: start at 2^16, halve on overflow, double after 2000 clean steps; none: no "
