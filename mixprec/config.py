@@ -60,6 +60,7 @@ class RunConfig:
     accumulate: int = 1  # every mode
     telemetry_every: int = 10  # every mode
     deterministic: bool = False
+    tf32: bool = True
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="use PyTorch's deterministic algorithms (slower on CUDA); on a CPU a resumed run then ends "
                    "bit-identical to an uninterrupted one")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="on Ampere and newer GPUs, turn off TF32, which PyTorch uses for FP32 convolutions by "
+                   "default, so that baseline is true FP32 (summary.json records whether TF32 was on)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted or failed run in place from its last checkpoint (taken at every "
                    "epoch's end and where a SIGINT/SIGTERM stopped it), with its own options; options given with "
@@ -233,10 +237,15 @@ def parse_command(argv: list[str] | None = None) -> tuple[RunConfig, Path | None
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in names}
     for key, value in given.items():
         if key not in RESUME_MAY_CHANGE and value != getattr(stored, key):
-            option = "--no-master-weights" if key == "master_weights" else f"--{key.replace('_', '-')}"
+            option = option_name(key)
             raise UsageError(f"--resume {run_dir}: {option} {value!r} conflicts with the run's own "
                              f"{getattr(stored, key)!r}; drop the option, or start a new run")
     return replace(stored, **{k: given[k] for k in RESUME_MAY_CHANGE if k in given}), run_dir
+
+
+def option_name(field: str) -> str:
+    """The command-line spelling of a :class:`RunConfig` field (switched-off flags read ``--no-...``)."""
+    return {"master_weights": "--no-master-weights", "tf32": "--no-tf32"}.get(field, f"--{field.replace('_', '-')}")
 
 
 def config_from_json(saved: dict) -> RunConfig:

@@ -26,13 +26,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure(device: torch.device, deterministic: bool = False) -> None:
-    """Per-device settings: cuDNN autotuning for speed, or PyTorch's deterministic algorithms."""
+def configure(device: torch.device, deterministic: bool = False, tf32: bool = True) -> bool:
+    """Per-device settings: cuDNN autotuning for speed, or PyTorch's deterministic algorithms, and TF32.
+
+    PyTorch runs convolutions in TF32 by default on Ampere and newer GPUs (``cudnn.allow_tf32``), so
+    an "FP32" baseline there is really TF32; ``tf32=False`` turns it off for convolutions and matmuls.
+    Returns whether TF32 is in use: a CUDA device of compute capability 8.0 or newer with it allowed."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
+    if device.type != "cuda":
+        return False
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.allow_tf32 = tf32
+    if not tf32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.backends.cudnn.allow_tf32 and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def synchronize(device: torch.device) -> None:

@@ -36,6 +36,7 @@ def summary(cfg, result, splits) -> dict:
         "epochs": cfg.epochs,
         "epochs_completed": len(result.epochs),
         "deterministic": cfg.deterministic,
+        "tf32": result.tf32,
         "device": result.device,
         "amp_dtype": result.amp_dtype,
         "half_compute": result.half_compute,

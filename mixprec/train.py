@@ -64,6 +64,7 @@ class RunResult:
     final_loss_scale: float | None = None
     peak_memory_bytes: int = 0
     memory: dict | None = None  # bytes by role on one real training step (memory.breakdown)
+    tf32: bool = False  # whether FP32 convolutions ran as TF32 (CUDA, Ampere or newer)
     test: dict | None = None  # accuracy, loss, per_class_accuracy, confusion_matrix
 
 
@@ -202,7 +203,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     and whether the validation accuracy improved. ``stop`` (a ``threading.Event``) ends the run as
     ``interrupted`` after the current step."""
     device = dev.resolve_device(cfg.device)
-    dev.configure(device, cfg.deterministic)
+    tf32 = dev.configure(device, cfg.deterministic, cfg.tf32)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, num_classes=len(splits.classes)).to(device)
     params = count_params(model)
@@ -212,7 +213,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     test_loader = CifarLoader(*splits.test, EVAL_BATCH_SIZE, train=False, device=device)
     scheduler = make_scheduler(cfg, precision.optimizer, len(train_loader))
     result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params,
-                       notes=precision.notes)
+                       notes=precision.notes, tf32=tf32)
     scaled = precision.loss_scale() is not None
     start_epoch, best_val_acc, last_finite_loss = 0, -1.0, math.nan
     if resume is not None:

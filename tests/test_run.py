@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mixprec.config import RunConfig
+from mixprec.config import RunConfig, option_name
 from mixprec.run import main
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "loss_scale",
@@ -62,6 +62,7 @@ def test_one_epoch_smoke_run_on_cifar10(mode, real_data, tmp_path):
     s = _check_run_dir(_only_run(tmp_path), mode)
     assert s["train_images"] == 256 and s["test_images"] == 256 and s["test_subset"] == 256
     assert s["amp_dtype"] == ("bfloat16" if mode == "amp" else None)
+    assert s["tf32"] is False  # a CPU has no TF32
     assert s["half_compute"] == ("emulated" if mode == "manual" else None)
     if mode == "manual":
         assert s["final_loss_scale"] == 2.0**16
@@ -144,8 +145,7 @@ def test_help_documents_every_option():
     proc = subprocess.run([sys.executable, "-m", "mixprec.run", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for field in RunConfig.__dataclass_fields__:
-        option = "--no-master-weights" if field == "master_weights" else f"--{field.replace('_', '-')}"
-        assert option in proc.stdout
+        assert option_name(field) in proc.stdout
 
 
 def _bad_path(case, tiny_cifar, tmp_path):
