@@ -119,17 +119,16 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
     cfg, resume_dir = parse_command(argv)
     # imported after parsing, so that --help and a mistyped option answer in ~3 s, not ~8
     import pandas as pd
-    import torch
 
     from .data import load_cifar10, make_splits
     from .device import resolve_device
-    from .results import create_run_dir, environment, read_json, write_csv, write_torch
+    from .results import create_run_dir, environment, write_csv, write_torch
     from .train import train
 
     device = resolve_device(cfg.device)  # fail on a missing GPU before decoding any data
     checkpoint = None
     if resume_dir is not None:
-        checkpoint = _load_checkpoint(resume_dir, read_json, torch)
+        checkpoint = _load_checkpoint(resume_dir)
     splits = make_splits(load_cifar10(cfg.data), cfg.subset, cfg.test_subset)
     if resume_dir is None:
         run_dir = log.run_dir = create_run_dir(cfg.out, cfg.model, cfg.mode, cfg.seed)
@@ -165,7 +164,11 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
     return 0
 
 
-def _load_checkpoint(run_dir: Path, read_json, torch) -> dict:
+def _load_checkpoint(run_dir: Path) -> dict:
+    import torch
+
+    from .results import read_json
+
     if (run_dir / "summary.json").exists() and read_json(run_dir / "summary.json").get("status") == "completed":
         raise UsageError(f"--resume {run_dir}: that run has already completed; start a new run")
     try:
