@@ -61,6 +61,7 @@ class RunConfig:
     telemetry_every: int = 10  # every mode
     deterministic: bool = False
     tf32: bool = True
+    compile: bool = False
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="on Ampere and newer GPUs, turn off TF32, which PyTorch uses for FP32 convolutions by "
                    "default, so that baseline is true FP32 (summary.json records whether TF32 was on)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the first steps then include compilation; images_per_s "
+                   "excludes the first 20)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted or failed run in place from its last checkpoint (taken at every "
                    "epoch's end and where a SIGINT/SIGTERM stopped it), with its own options; options given with "

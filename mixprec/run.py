@@ -26,7 +26,17 @@ ABLATION_OPTIONS = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchn
                     "inject_overflow", "clip_grad_norm", "accumulate", "telemetry_every")
 
 
+def images_per_s(result) -> float | None:
+    """Training throughput after warm-up: the first epoch's first WARMUP_STEPS steps are left out
+    (None when the run had no steps after them)."""
+    images = result.train_images - result.warmup_images
+    seconds = result.train_time_s - result.warmup_time_s
+    return images / seconds if images > 0 and seconds > 0 else None
+
+
 def summary(cfg, result, splits) -> dict:
+    from .train import WARMUP_STEPS
+
     s = {
         "status": result.status,
         "error": result.error,
@@ -47,7 +57,10 @@ def summary(cfg, result, splits) -> dict:
         "subset": cfg.subset,
         "test_subset": cfg.test_subset,
         "train_time_s": result.train_time_s,
-        "images_per_s": result.train_images / result.train_time_s if result.train_time_s else None,
+        "images_per_s": images_per_s(result),
+        "warmup_steps": WARMUP_STEPS,
+        "warmup_time_s": result.warmup_time_s,
+        "compile": cfg.compile,
         "peak_memory_bytes": result.peak_memory_bytes,
         "memory": result.memory,
         "skipped_steps": result.skipped_steps if cfg.mode != "baseline" else None,

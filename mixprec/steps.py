@@ -168,11 +168,16 @@ def make_loss_scaler(cfg: RunConfig) -> DynamicLossScaler:
 
 
 def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> Precision:
-    """Prepare ``model`` (FP32, on ``device``) for ``cfg.mode`` and build its optimizer."""
+    """Prepare ``model`` (FP32, on ``device``) for ``cfg.mode`` and build its optimizer.
+
+    With ``cfg.compile`` the steps call ``torch.compile(model)``, which shares ``model``'s parameters
+    (so master weights, optimizer and checkpoints still work on ``model`` itself). Manual mode converts
+    ``model`` in place before the first (compiling) call."""
     step_options = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm)
+    net = torch.compile(model) if cfg.compile else model
     if cfg.mode == "baseline":
         opt = _sgd(model.parameters(), cfg)
-        return Precision(partial(baseline_step, model, opt, **step_options), model, opt, lambda: None)
+        return Precision(partial(baseline_step, net, opt, **step_options), net, opt, lambda: None)
 
     if cfg.mode == "amp":
         dtype = resolve_amp_dtype(cfg.amp_dtype, device)
@@ -190,11 +195,11 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
 
         def forward(images):
             with autocast:
-                return model(images)
+                return net(images)
 
         amp_dtype = str(dtype).removeprefix("torch.")
         scaling = f"GradScaler from {scaler.get_scale():g}" if scaler.is_enabled() else "no loss scaler"
-        return Precision(partial(amp_step, model, opt, autocast=autocast, scaler=injected, **step_options), forward, opt,
+        return Precision(partial(amp_step, net, opt, autocast=autocast, scaler=injected, **step_options), forward, opt,
                          lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=amp_dtype,
                          scaler=scaler, description=f"torch.autocast({amp_dtype}), {scaling}")
 
@@ -214,7 +219,7 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
 
         def forward(images):
             with half_compute:
-                return model(images.to(dtype)).float()
+                return net(images.to(dtype)).float()
 
         notes = []
         if dtype == torch.bfloat16 and cfg.loss_scale != "none":
@@ -226,7 +231,7 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
                       "native": "native half kernels"}[how]
         scaling = {"dynamic": "dynamic loss scale from {:g}", "none": "no loss scaling (scale {:g})"}.get(
             cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
-        step = partial(manual_step, model, opt, master=master, scaler=injected, dtype=dtype,
+        step = partial(manual_step, net, opt, master=master, scaler=injected, dtype=dtype,
                        half_compute=half_compute, **step_options)
         return Precision(step, forward, opt, scaler.get_scale, half_compute=how, master=master, scaler=scaler,
                          notes=notes, description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, "

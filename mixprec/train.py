@@ -30,6 +30,7 @@ from .scaler import LossScaleCollapse
 from .steps import Precision, setup_precision
 
 SYNC_EVERY = 20  # steps between progress updates; each costs a host sync in baseline mode
+WARMUP_STEPS = 20  # the first epoch's first steps (allocator, autotuning, compilation): not in images_per_s
 EVAL_BATCH_SIZE = 500
 
 
@@ -60,6 +61,8 @@ class RunResult:
     steps: list[dict] = field(default_factory=list)
     train_time_s: float = 0.0
     train_images: int = 0
+    warmup_time_s: float = 0.0  # of train_time_s, spent in the first epoch's first WARMUP_STEPS steps
+    warmup_images: int = 0
     skipped_steps: int = 0
     final_loss_scale: float | None = None
     peak_memory_bytes: int = 0
@@ -110,6 +113,8 @@ class EpochStats:
     last_finite_loss: float
     steps: list[dict]  # one row per optimizer step, for steps.csv
     seconds_before: float  # training time this epoch had before an interruption (0 if none)
+    warmup_seconds: float  # time of the first epoch's first WARMUP_STEPS steps (0 in later epochs)
+    warmup_images: int
     memory: dict  # bytes by role, measured on this process's first step
 
 
@@ -124,12 +129,14 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
     if partial is None:
         losses = torch.full((n,), math.nan, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        lrs, scales, skips, grad_stats, begin, seconds_before = [], [], [], {}, 0, 0.0
+        lrs, scales, skips, grad_stats, begin, seconds_before, warmup_seconds = [], [], [], {}, 0, 0.0, 0.0
     else:
         losses, correct = partial["losses"].to(device), partial["correct"].to(device)
         lrs, scales, skips = partial["lrs"], partial["scales"], partial["skips"]
         grad_stats = {int(k): v.to(device) for k, v in partial["grad_stats"].items()}
         begin, seconds_before, last_finite_loss = partial["steps_done"], partial["seconds"], partial["last_finite_loss"]
+        warmup_seconds = partial.get("warmup_seconds", 0.0)
+    warmup_steps = min(WARMUP_STEPS, n) if epoch == 0 else 0
     loader.set_epoch(epoch, start_batch=begin)
     start = time.perf_counter()
     bar = tqdm(loader, total=n, initial=begin, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
@@ -148,11 +155,14 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         skips.append(out.skipped)
         if (stats := precision.pop_stats()) is not None:
             grad_stats[i] = stats  # stays on the device: read once, at the end of the epoch
+        if i + 1 == warmup_steps:
+            dev.synchronize(device)
+            warmup_seconds = seconds_before + time.perf_counter() - start
         if stop is not None and stop.is_set():  # the step is finished: save the epoch so far
             dev.synchronize(device)
             partial = {"steps_done": i + 1, "losses": losses.cpu(), "correct": correct.cpu(), "lrs": lrs,
                        "scales": scales, "skips": skips, "grad_stats": {k: v.cpu() for k, v in grad_stats.items()},
-                       "seconds": seconds_before + time.perf_counter() - start, "last_finite_loss": last_finite_loss}
+                       "warmup_seconds": warmup_seconds, "seconds": seconds_before + time.perf_counter() - start, "last_finite_loss": last_finite_loss}
             raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1} of {n}", partial)
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == n:
             seen = losses[: i + 1]
@@ -178,7 +188,7 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
                          grad_max_abs=largest, grad_zero_frac=zeros / elements,
                          grad_underflow_frac=underflow / elements))
     return EpochStats(mean_loss, int(correct) / images, sum(skips), images, last_finite_loss, rows, seconds_before,
-                      memory)
+                      warmup_seconds, warmup_steps * loader.batch_size, memory)
 
 
 def _numpy_state() -> dict:
@@ -228,8 +238,9 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         _set_numpy_state(resume["numpy_rng"])
         random.setstate(resume["python_rng"])
         progress = resume["progress"]
-        for key in ("epochs", "steps", "train_time_s", "train_images", "skipped_steps"):
-            setattr(result, key, progress[key])
+        for key in ("epochs", "steps", "train_time_s", "train_images", "warmup_time_s", "warmup_images",
+                    "skipped_steps"):
+            setattr(result, key, progress.get(key, 0))
         start_epoch, best_val_acc, last_finite_loss = resume["epoch"], progress["best_val_acc"], \
             progress["last_finite_loss"]
         # the loader's position is (epoch, batch): epoch e's order and augmentation come from seed + e
@@ -245,7 +256,8 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             "scheduler": scheduler.state_dict(),
             "rng": dev.rng_states(device), "numpy_rng": _numpy_state(), "python_rng": random.getstate(),
             "progress": {"epochs": result.epochs, "steps": result.steps, "train_time_s": result.train_time_s,
-                         "train_images": result.train_images, "skipped_steps": result.skipped_steps,
+                         "train_images": result.train_images, "warmup_time_s": result.warmup_time_s,
+                         "warmup_images": result.warmup_images, "skipped_steps": result.skipped_steps,
                          "best_val_acc": best_val_acc, "last_finite_loss": last_finite_loss},
         }
 
@@ -271,6 +283,8 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             result.steps += stats.steps
             result.train_time_s += seconds
             result.train_images += stats.images
+            result.warmup_time_s += stats.warmup_seconds
+            result.warmup_images += stats.warmup_images
             result.skipped_steps += stats.skipped_steps
             val_loss, val_acc, _ = evaluate(precision, model, val_loader)
             lr = stats.steps[0]["lr"]  # at the epoch's first step, also when it was resumed part-way

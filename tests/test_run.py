@@ -20,27 +20,29 @@ def _only_run(out: Path) -> Path:
     return runs[0]
 
 
-def _check_run_dir(run: Path, mode: str, classes: int = 10) -> dict:
+def _check_run_dir(run: Path, mode: str, classes: int = 10, epochs: int = 1) -> dict:
     for name in ("config.json", "env.json", "epochs.csv", "steps.csv", "confusion_matrix.csv", "summary.json",
                  "train.log"):
         assert (run / name).exists(), name
     assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
     s = json.loads((run / "summary.json").read_text())
-    assert s["status"] == "completed" and s["mode"] == mode and s["epochs"] == 1
+    assert s["status"] == "completed" and s["mode"] == mode and s["epochs"] == epochs
     assert 0.0 <= s["test_accuracy"] <= 1.0
     assert len(s["per_class_accuracy"]) == classes
     cm = s["confusion_matrix"]
     assert len(cm) == classes and sum(map(sum, cm)) == s["test_images"]
     assert abs(sum(cm[i][i] for i in range(classes)) / s["test_images"] - s["test_accuracy"]) < 1e-6
-    assert s["train_time_s"] > 0 and s["images_per_s"] > 0 and s["peak_memory_bytes"] > 0 and s["params"] > 0
+    assert s["train_time_s"] > 0 and s["peak_memory_bytes"] > 0 and s["params"] > 0
+    steps_run = len(pd.read_csv(run / "steps.csv"))
+    assert s["warmup_steps"] == 20 and (s["images_per_s"] is None) == (steps_run <= 20)  # all warm-up: no figure
     assert set(s["memory"]) == {"weights", "master_weights", "grads", "optimizer_state", "activations"}
     assert (s["memory"]["master_weights"] > 0) == (mode == "manual") and s["memory"]["activations"] > 0
     if mode == "baseline":
         assert s["skipped_steps"] is None and s["final_loss_scale"] is None
     else:
         assert s["skipped_steps"] >= 0
-    epochs = pd.read_csv(run / "epochs.csv")
-    assert list(epochs.columns) == EPOCH_COLUMNS and len(epochs) == 1
+    epoch_rows = pd.read_csv(run / "epochs.csv")
+    assert list(epoch_rows.columns) == EPOCH_COLUMNS and len(epoch_rows) == epochs
     steps = pd.read_csv(run / "steps.csv")
     assert list(steps.columns) == ["step", "epoch", "loss", "lr", "loss_scale", "skipped", "grad_max_abs",
                                    "grad_zero_frac", "grad_underflow_frac"]
@@ -93,6 +95,16 @@ def test_synthetic_data_run_end_to_end(tiny_cifar, tmp_path):
     assert code == 0
     s = _check_run_dir(_only_run(tmp_path), "manual")
     assert s["train_images"] == 180 and s["val_images"] == 20 and s["test_images"] == 40
+
+
+def test_images_per_s_leaves_out_the_first_20_steps(tiny_cifar, tmp_path):
+    code = main(["--mode", "baseline", "--model", "resnet20", "--epochs", "2", "--batch-size", "6",
+                 "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    s = _check_run_dir(_only_run(tmp_path), "baseline", epochs=2)
+    assert 0 < s["warmup_time_s"] < s["train_time_s"]
+    timed_images = 2 * 180 - 20 * 6  # two epochs of 30 steps of 6 images, less the first epoch's first 20 steps
+    assert s["images_per_s"] == pytest.approx(timed_images / (s["train_time_s"] - s["warmup_time_s"]))
 
 
 def test_divergence_fails_the_run_with_its_reason(tiny_cifar, tmp_path):
@@ -218,3 +230,29 @@ def test_a_run_failed_in_epoch_two_keeps_epoch_one(tiny_cifar, tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert s["status"] == "failed" and "min_scale=1" in s["error"]
     assert len(pd.read_csv(run / "epochs.csv")) == 1
+
+
+def test_compile_traces_the_model_in_every_mode_and_is_recorded(tiny_cifar, tmp_path, monkeypatch):
+    """``--compile`` goes through torch.compile; Dynamo's eager backend keeps the test fast (inductor's C++
+    build takes a minute a model here) while still tracing the model, emulated FP16 included."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    from torch._dynamo.utils import counters
+
+    for mode in ("baseline", "manual"):
+        counters.clear()
+        out = tmp_path / mode
+        code = main(["--mode", mode, "--model", "resnet20", "--epochs", "1", "--batch-size", "64", "--compile",
+                     "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(out)])
+        assert code == 0
+        run = _only_run(out)
+        s = _check_run_dir(run, mode)
+        assert s["compile"] is True and json.loads((run / "config.json").read_text())["compile"] is True
+        assert counters["stats"]["unique_graphs"] >= 1  # Dynamo really traced the model
+    assert len(compiled) == 2
