@@ -1,0 +1,97 @@
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mixprec.results import read_json, write_json
+from mixprec.study import Stop, main, plan
+
+
+def _study(*argv: str) -> int:
+    try:
+        return main(list(argv))
+    except SystemExit as e:  # argparse's own one-line errors
+        return e.code
+
+
+def test_plan_runs_every_combination_seeds_slowest_with_shared_options_passed_on():
+    args, combos = plan(["--models", "resnet20", "resnet18", "--modes", "baseline", "manual", "--seeds", "0", "1",
+                         "--lr", "0.05", "0.1", "--epochs", "3", "--subset", "500", "--out", "somewhere"])
+    assert len(combos) == 2 * 2 * 2 * 2
+    assert [c.label for c in combos[:4]] == [
+        "resnet20 baseline seed 0 lr=0.05 momentum=0.9 wd=0.0005", "resnet20 manual seed 0 lr=0.05 momentum=0.9 wd=0.0005",
+        "resnet20 baseline seed 0 lr=0.1 momentum=0.9 wd=0.0005", "resnet20 manual seed 0 lr=0.1 momentum=0.9 wd=0.0005"]
+    assert all("seed 0" in c.label for c in combos[:8]) and all("seed 1" in c.label for c in combos[8:])
+    argv = combos[-1].argv
+    assert argv[:6] == ["--mode", "manual", "--model", "resnet18", "--seed", "1"]
+    assert argv[argv.index("--epochs") + 1] == "3" and argv[argv.index("--subset") + 1] == "500"
+    assert argv[argv.index("--out") + 1] == "somewhere"
+    _, single = plan(["--models", "resnet20", "--modes", "amp"])
+    assert [c.label for c in single] == ["resnet20 amp seed 0"]  # no grid: no grid suffix
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "amp"], "--mode is set per combination by the study"),
+    (["--lr=0.1", "--models", "resnet20"], None),  # the study's own --lr: fine
+    (["--seeds", "0", "0"], "--seeds lists a value twice"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--models", "resnet20", "--modes", "baseline", "--loss-scale", "none"], "an ablation of manual mode"),
+    (["--models", "nope"], "invalid choice: 'nope'"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+])
+def test_bad_study_input_is_one_line_before_anything_runs(argv, message, tmp_path, capsys):
+    if message is None:
+        plan(argv)
+        return
+    code = _study(*argv, "--out", str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_skips_completed_resumes_interrupted_and_records_failures(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "study"
+    common = ["--models", "resnet20", "--modes", "baseline", "--epochs", "1", "--batch-size", "64",
+              "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(out), "--no-report"]
+    assert _study(*common, "--seeds", "0", "1") == 0
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2 and [read_json(r / "summary.json")["seed"] for r in runs] == [0, 1]
+    assert (out / "study-logs" / "resnet20_baseline_seed_0.log").exists()
+
+    # seed 1 was interrupted after its epoch (its checkpoint is there): the study continues it in place
+    seed1 = next(r for r in runs if read_json(r / "summary.json")["seed"] == 1)
+    summary = read_json(seed1 / "summary.json")
+    write_json(seed1 / "summary.json", {**summary, "status": "interrupted", "test_accuracy": None})
+    capsys.readouterr()
+    assert _study(*common, "--seeds", "0", "1") == 0
+    err = capsys.readouterr().err
+    assert "resnet20 baseline seed 0: completed before" in err and "skipped" in err
+    assert sorted((out / "runs").iterdir()) == runs  # resumed in place, nothing new
+    assert read_json(seed1 / "summary.json")["status"] == "completed"
+    assert read_json(seed1 / "summary.json")["test_accuracy"] == summary["test_accuracy"]
+    assert "--resume" in (out / "study-logs" / "resnet20_baseline_seed_1.log").read_text()
+    study = read_json(out / "study.json")
+    assert [c["status"] for c in study["combinations"]] == ["skipped", "completed"]
+
+    # a combination that fails (here: more images asked for than the data has) is recorded; the study goes on
+    code = _study(*common, "--seeds", "2", "0", "--subset", "100000")
+    err = capsys.readouterr().err
+    assert code == 1 and "resnet20 baseline seed 2: failed (exit 2)" in err and "--subset" in err
+    study = read_json(out / "study.json")
+    assert [c["status"] for c in study["combinations"]] == ["failed", "failed"]
+    assert all("--subset 100000" in c["error"] for c in study["combinations"])
+
+
+def test_a_stop_signal_reaches_the_run_in_progress_once(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+                              "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    stop = Stop()
+    stop.child = child
+    stop(signal.SIGTERM, None)
+    assert child.wait(timeout=30) == 143 and stop.signum == signal.SIGTERM
+    stop(signal.SIGINT, None)  # a second signal is not passed on again (the child has ended anyway)
+    assert stop.signum == signal.SIGINT
+
