@@ -93,6 +93,9 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[Combin
         grid = "" if len(args.lr) * len(args.momentum) * len(args.weight_decay) == 1 else \
             f" lr={lr:g} momentum={momentum:g} wd={wd:g}"
         combos.append(Combination(argv_run, f"{model} {mode} seed {seed}{grid}"))
+    from .device import resolve_device
+
+    resolve_device(parse_command(combos[0].argv)[0].device)  # --device cuda without a GPU: say so now, once
     return args, combos
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mixprec.results import read_json, write_json
 from mixprec.study import Stop, main, plan
@@ -38,6 +39,8 @@ def test_plan_runs_every_combination_seeds_slowest_with_shared_options_passed_on
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--models", "resnet20", "--modes", "baseline", "--loss-scale", "none"], "an ablation of manual mode"),
     (["--models", "nope"], "invalid choice: 'nope'"),
+    pytest.param(["--device", "cuda"], "--device cuda was asked for but",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
 ])
 def test_bad_study_input_is_one_line_before_anything_runs(argv, message, tmp_path, capsys):

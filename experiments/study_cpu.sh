@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The CPU-sized study: resnet20 in baseline, amp (bfloat16 on a CPU) and manual mode, 3 seeds, 3 epochs on a
+# stratified 5,000 of the 45,000 training images, evaluated on stratified 1,000-image subsets of the
+# validation and test sets. Writes results/cpu-study/ (runs/, study.json, report/).
+#
+#   bash experiments/study_cpu.sh [path to CIFAR-10, default ../shared/data/cifar10-jpeg.tar.gz]
+#
+# Run it again after an interruption: completed runs are skipped and an interrupted one is resumed.
+# On the 2-core AMD EPYC (AVX2) it was built on, most of the time goes to amp: bfloat16 autocast is ~12x
+# slower than FP32 there (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m mixprec.study --models resnet20 --modes baseline amp manual --seeds 0 1 2 \
+    --epochs 3 --subset 5000 --test-subset 1000 --device cpu \
+    --data "${1:-../shared/data/cifar10-jpeg.tar.gz}" --out results/cpu-study
