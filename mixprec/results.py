@@ -77,6 +77,11 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
     _write_atomic(Path(path), lambda f: frame.to_csv(f, index=False))
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 atomically (whatever the locale: reports hold ±, × and Δ)."""
+    _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")), binary=True)
+
+
 def write_figure(path: Path, fig) -> None:
     """Write a matplotlib figure as a PNG at its own dpi, atomically: it is rendered in memory first,
     so a failed render leaves no file and a reader never sees a half-written image."""

@@ -1,0 +1,330 @@
+"""``python -m mixprec.report``: hand-made run directories with known numbers, broken ones, and one real tiny study."""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import stats
+
+from mixprec.config import RunConfig
+from mixprec.report import (
+    comparison_markdown,
+    comparison_table,
+    grid_markdown,
+    grid_table,
+    group_runs,
+    load_results,
+    loss_scale_figure,
+    main,
+)
+from mixprec.results import write_csv, write_json
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MIB = 2**20
+ERROR = "python -m mixprec.report: error:"
+
+
+def make_run(root: Path, name: str, *, mode="baseline", seed=0, acc=0.80, val_acc=None, time_s=10.0, peak_mib=100.0,
+             torch_version="2.5.1", status="completed", amp_dtype=None, loss_scales=None, skipped=(), **options):
+    """A run directory as mixprec.run writes it, with known numbers: 100 test images, 10 per class, of
+    which ``acc * 100`` are right (the first classes get the extra ones; the wrong ones go to the next class)."""
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    cfg = RunConfig(mode=mode, seed=seed, device="cpu", **{"model": "resnet20", "epochs": 2, **options})
+    write_json(run / "config.json", asdict(cfg))
+    write_json(run / "env.json", {"torch": torch_version, "cuda": None, "device_type": "cpu", "device_name": "Test CPU",
+                                  "cpu": "Test CPU", "cpu_capability": "AVX2", "git_commit": "0123456789abcdef",
+                                  "git_dirty": False})
+    if status != "completed":
+        write_json(run / "summary.json", {"status": status, "error": f"{status} at epoch 1, step 3"})
+        return run
+    right = round(acc * 100)
+    cm = [[0] * 10 for _ in range(10)]
+    for i in range(10):
+        cm[i][i] = right // 10 + (i < right % 10)
+        cm[i][(i + 1) % 10] = 10 - cm[i][i]
+    val_acc = acc if val_acc is None else val_acc
+    scales = loss_scales or [None] * 4
+    write_csv(run / "epochs.csv", pd.DataFrame({
+        "epoch": [1, 2], "train_loss": [2.0, 1.5], "train_acc": [0.3, 0.5], "val_loss": [1.8, 1.6],
+        "val_acc": [0.4, val_acc], "lr": [cfg.lr] * 2, "epoch_time_s": [time_s / 2] * 2,
+        "loss_scale": [scales[1], scales[3]], "skipped_steps": [0, len(skipped)]}))
+    write_csv(run / "steps.csv", pd.DataFrame({
+        "step": [1, 2, 3, 4], "epoch": [1, 1, 2, 2], "loss": [2.1, 1.9, 1.6, 1.4], "lr": [cfg.lr] * 4,
+        "loss_scale": scales, "skipped": [s in skipped for s in (1, 2, 3, 4)], "grad_max_abs": [0.1] * 4,
+        "grad_zero_frac": [0.0] * 4, "grad_underflow_frac": [0.0] * 4}))
+    write_json(run / "summary.json", {
+        "status": "completed", "error": None, "mode": mode, "model": cfg.model, "seed": seed, "device": "cpu",
+        "amp_dtype": amp_dtype, "half_compute": "emulated" if mode == "manual" else None,
+        "train_time_s": time_s, "images_per_s": 1000.0 / time_s, "peak_memory_bytes": int(peak_mib * MIB),
+        "memory": {"weights": MIB, "master_weights": 2 * MIB if mode == "manual" else 0, "grads": MIB,
+                   "optimizer_state": MIB, "activations": 8 * MIB},
+        "skipped_steps": None if mode == "baseline" else len(skipped),
+        "final_loss_scale": scales[-1], "test_accuracy": acc,
+        "per_class_accuracy": {c: cm[i][i] / 10 for i, c in enumerate(CLASSES)}, "confusion_matrix": cm,
+        "final_val_accuracy": val_acc})
+    return run
+
+
+def md_rows(text: str) -> list[dict]:
+    """The first markdown table in ``text`` as one dict per row."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip()[1:-1].split("|")] for line in lines]
+    return [dict(zip(split[0], row)) for row in split[2:]]
+
+
+def report(root: Path, capsys) -> tuple[Path, str, str]:
+    out = root / "report"
+    assert main([str(root)]) == 0
+    captured = capsys.readouterr()
+    return out, captured.out, captured.err
+
+
+def test_comparison_has_exact_means_stds_ratios_and_welch_p(tmp_path, capsys):
+    for seed, (acc, t, peak) in enumerate([(0.80, 10.0, 100.0), (0.82, 12.0, 110.0), (0.84, 14.0, 120.0)]):
+        make_run(tmp_path, f"base{seed}", seed=seed, acc=acc, time_s=t, peak_mib=peak)
+    for seed, (acc, t, peak) in enumerate([(0.85, 5.0, 50.0), (0.87, 7.0, 60.0)]):
+        make_run(tmp_path, f"amp{seed}", mode="amp", amp_dtype="bfloat16", seed=seed, acc=acc, time_s=t,
+                 peak_mib=peak)
+    out, stdout, _ = report(tmp_path, capsys)
+
+    table = pd.read_csv(out / "comparison.csv")
+    assert table["mode"].tolist() == ["baseline", "amp (bfloat16)"]
+    base, amp = table.iloc[0], table.iloc[1]
+    assert (base["n"], amp["n"]) == (3, 2) and base["seeds"] == "0,1,2"
+    assert base["test_accuracy_mean"] == pytest.approx(0.82, abs=1e-12)
+    assert base["test_accuracy_std"] == pytest.approx(0.02, abs=1e-12)  # ddof=1
+    assert amp["test_accuracy_mean"] == pytest.approx(0.86, abs=1e-12)
+    assert amp["test_accuracy_std"] == pytest.approx(0.01 * math.sqrt(2), abs=1e-12)
+    assert (base["train_time_s_mean"], base["train_time_s_std"]) == pytest.approx((12.0, 2.0))
+    assert (amp["train_time_s_mean"], amp["train_time_s_std"]) == pytest.approx((6.0, math.sqrt(2)))
+    assert (base["peak_memory_mib_mean"], base["peak_memory_mib_std"]) == pytest.approx((110.0, 10.0))
+    assert amp["images_per_s_mean"] == pytest.approx((200 + 1000 / 7) / 2)
+    assert base["speedup_vs_baseline"] == 1.0 and base["memory_ratio_vs_baseline"] == 1.0
+    assert math.isnan(base["accuracy_diff_pp"]) and math.isnan(base["welch_p"])
+    assert amp["speedup_vs_baseline"] == pytest.approx(2.0)
+    assert amp["memory_ratio_vs_baseline"] == pytest.approx(0.5)
+    assert amp["accuracy_diff_pp"] == pytest.approx(4.0)
+    # Welch by hand: t^2 = 0.04^2 / (0.0002/2 + 0.0004/3) = 48/7, Welch-Satterthwaite df = 49/17
+    p = 2 * stats.t.sf(math.sqrt(48 / 7), 49 / 17)
+    assert amp["welch_p"] == pytest.approx(p, rel=1e-9) and p == pytest.approx(0.0824407, rel=1e-6)
+
+    md = (out / "comparison.md").read_text()
+    rows = md_rows(md)
+    assert rows[0]["test accuracy (%)"] == "82.00 ± 2.00" and rows[1]["test accuracy (%)"] == "86.00 ± 1.41"
+    assert rows[0]["speedup vs baseline"] == "1.00" and rows[0]["memory vs baseline"] == "1.00"
+    assert rows[0]["accuracy vs baseline (pp)"] == "" and rows[0]["Welch p"] == ""
+    assert (rows[1]["speedup vs baseline"], rows[1]["memory vs baseline"]) == ("2.00", "0.50")
+    assert (rows[1]["accuracy vs baseline (pp)"], rows[1]["Welch p"]) == ("+4.00", "0.0824")
+    assert rows[0]["peak memory (MiB)"] == "110.0 ± 10.0" and rows[1]["skipped steps"] == "0"
+    assert "n = 1" not in md and "peak resident memory" in md
+    assert "environment" not in rows[0] and "lr" not in rows[0]  # one environment, no grid
+    assert md.split("\n\n")[0] in stdout
+    assert not (out / "grid.md").exists()
+
+
+def test_one_seed_gives_no_std_no_p_value_and_says_so(tmp_path, capsys):
+    make_run(tmp_path, "b0", seed=0, acc=0.80)
+    make_run(tmp_path, "b1", seed=1, acc=0.82)
+    make_run(tmp_path, "m0", mode="manual", seed=0, acc=0.78, loss_scales=[1.0] * 4, loss_scale="none")
+    make_run(tmp_path, "r18-b0", model="resnet18", acc=0.70)
+    make_run(tmp_path, "r18-a0", model="resnet18", mode="amp", amp_dtype="bfloat16", seed=0, acc=0.72)
+    make_run(tmp_path, "r18-a1", model="resnet18", mode="amp", amp_dtype="bfloat16", seed=1, acc=0.74)
+    out, _, _ = report(tmp_path, capsys)
+
+    table = pd.read_csv(out / "comparison.csv").set_index(["model", "mode"])
+    manual = table.loc[("resnet20", "manual (loss_scale=none)")]
+    assert manual["n"] == 1 and math.isnan(manual["test_accuracy_std"]) and math.isnan(manual["welch_p"])
+    assert manual["accuracy_diff_pp"] == pytest.approx(-3.0)  # 78 - mean(80, 82)
+    amp = table.loc[("resnet18", "amp (bfloat16)")]
+    assert amp["test_accuracy_std"] == pytest.approx(0.01 * math.sqrt(2)) and math.isnan(amp["welch_p"])
+    rows = {(r["model"], r["mode"]): r for r in md_rows((out / "comparison.md").read_text())}
+    assert rows[("resnet20", "manual (loss_scale=none)")]["test accuracy (%)"] == "78.00"
+    assert rows[("resnet20", "manual (loss_scale=none)")]["Welch p"] == ""
+    text = (out / "report.md").read_text()
+    assert ("n = 1: no uncertainty can be given for resnet20 / manual (loss_scale=none): one seed gives no "
+            "standard deviation, and no p-value against its baseline.") in text
+    assert "n = 1: no uncertainty can be given for resnet18 / baseline" in text
+    assert ("n = 1: no uncertainty can be given for the difference between resnet18 / amp (bfloat16) and its "
+            "baseline") in text
+    assert "no uncertainty can be given for resnet20 / baseline" not in text  # it has two seeds
+
+
+def test_environments_are_separate_rows_never_averaged(tmp_path, capsys):
+    for seed, acc in enumerate((0.80, 0.82)):
+        make_run(tmp_path, f"old{seed}", seed=seed, acc=acc, time_s=10.0, torch_version="2.5.1")
+    for seed, acc in enumerate((0.90, 0.92)):
+        make_run(tmp_path, f"new{seed}", seed=seed, acc=acc, time_s=20.0, torch_version="2.6.0")
+    make_run(tmp_path, "new-amp", mode="amp", amp_dtype="bfloat16", acc=0.91, time_s=5.0, torch_version="2.6.0")
+    out, _, _ = report(tmp_path, capsys)
+
+    table = pd.read_csv(out / "comparison.csv")
+    assert table["environment"].tolist() == ["Test CPU / torch 2.5.1", "Test CPU / torch 2.6.0",
+                                             "Test CPU / torch 2.6.0"]
+    assert table["n"].tolist() == [2, 2, 1]
+    assert table["test_accuracy_mean"].tolist() == pytest.approx([0.81, 0.91, 0.91])
+    assert table["speedup_vs_baseline"].iloc[2] == pytest.approx(4.0)  # against its own environment's baseline
+    rows = md_rows((out / "comparison.md").read_text())
+    assert [r["environment"] for r in rows] == table["environment"].tolist()
+    text = (out / "report.md").read_text()
+    assert "| 2.5.1" in text and "| 2.6.0" in text  # both environments are listed
+    assert not (out / "loss_scale.png").exists()  # baseline and bfloat16 amp have no loss scale
+    assert "No loss-scale figure: no run had a loss scale" in text
+
+
+def test_grid_marks_the_best_per_model_by_validation_not_test_accuracy(tmp_path, capsys):
+    # test accuracy points the other way every time
+    make_run(tmp_path, "a", lr=0.1, seed=0, val_acc=0.70, acc=0.90)
+    make_run(tmp_path, "b", lr=0.1, seed=1, val_acc=0.72, acc=0.90)
+    make_run(tmp_path, "c", lr=0.05, val_acc=0.75, acc=0.60)
+    make_run(tmp_path, "d", model="resnet18", lr=0.1, val_acc=0.66, acc=0.50)
+    make_run(tmp_path, "e", model="resnet18", lr=0.05, val_acc=0.61, acc=0.95)
+    out, stdout, _ = report(tmp_path, capsys)
+
+    grid = pd.read_csv(out / "grid.csv")
+    assert list(grid.columns) == ["mode", "lr", "momentum", "weight_decay", "model", "n", "val_accuracy_mean", "best"]
+    cells = {(r.model, r.lr): (r.n, r.val_accuracy_mean, r.best) for r in grid.itertuples()}
+    assert cells[("resnet20", 0.1)] == (2, pytest.approx(0.71), False)
+    assert cells[("resnet20", 0.05)] == (1, pytest.approx(0.75), True)
+    assert cells[("resnet18", 0.1)] == (1, pytest.approx(0.66), True)
+    assert cells[("resnet18", 0.05)] == (1, pytest.approx(0.61), False)
+    md = (out / "grid.md").read_text()
+    rows = {r["lr"]: r for r in md_rows(md)}
+    assert rows["0.05"]["resnet20"] == "**75.00**" and rows["0.1"]["resnet20"] == "71.00"
+    assert rows["0.1"]["resnet18"] == "**66.00**" and rows["0.05"]["resnet18"] == "61.00"
+    assert "never by test accuracy" in md and md.split("\n\n")[0] in (out / "report.md").read_text()
+    assert md.split("\n\n")[0] in stdout
+    assert "lr" in pd.read_csv(out / "comparison.csv").columns  # the varying option is a column
+
+
+def test_grid_keeps_every_cell_when_another_option_is_unset_in_some_runs(tmp_path):
+    for i, (lr, clip) in enumerate([(0.1, None), (0.1, 1.0), (0.05, None), (0.05, 1.0)]):
+        make_run(tmp_path, f"r{i}", lr=lr, clip_grad_norm=clip, val_acc=0.5 + i / 100)
+    groups = group_runs(load_results(tmp_path)[0])
+    rows = md_rows(grid_markdown(grid_table(groups)))
+    assert [(r["clip_grad_norm"], r["lr"], r["resnet20"]) for r in rows] == [
+        ("1", "0.05", "**53.00**"), ("1", "0.1", "51.00"), ("", "0.05", "**52.00**"), ("", "0.1", "50.00")]
+
+
+def test_broken_and_unfinished_runs_are_named_and_not_counted(tmp_path, capsys):
+    make_run(tmp_path, "good0", seed=0, acc=0.80)
+    make_run(tmp_path, "good1", seed=1, acc=0.82)
+    (make_run(tmp_path, "bad-json", seed=2, acc=0.10) / "summary.json").write_text('{"status": "compl')
+    (make_run(tmp_path, "no-epochs", seed=3, acc=0.10) / "epochs.csv").unlink()
+    no_acc = make_run(tmp_path, "no-test-accuracy", seed=4, acc=0.10)
+    summary = json.loads((no_acc / "summary.json").read_text())
+    (no_acc / "summary.json").write_text(json.dumps({**summary, "test_accuracy": None}))
+    (make_run(tmp_path, "still-running", seed=5, acc=0.10) / "summary.json").unlink()
+    make_run(tmp_path, "stopped", seed=6, status="interrupted")
+    make_run(tmp_path, "diverged", seed=7, status="failed")
+    out, _, stderr = report(tmp_path, capsys)
+
+    table = pd.read_csv(out / "comparison.csv")
+    assert table["n"].tolist() == [2] and table["test_accuracy_mean"].iloc[0] == pytest.approx(0.81)
+    reasons = {"bad-json": "summary.json is not valid JSON", "no-epochs": "no epochs.csv",
+               "no-test-accuracy": "has no test_accuracy", "still-running": "no summary.json",
+               "stopped": "interrupted: interrupted at epoch 1, step 3", "diverged": "failed: failed at epoch 1"}
+    text = (out / "report.md").read_text()
+    assert "2 completed run(s) counted" in text and "6 run directories not counted" in text
+    for name, reason in reasons.items():
+        line = [line for line in stderr.splitlines() if f"runs/{name}:" in line]
+        assert len(line) == 1 and reason in line[0], (name, stderr)
+        assert f"- `runs/{name}`: " in text and reason in text
+    assert "Traceback" not in stderr
+
+
+def _usage_case(case: str, tmp_path: Path) -> Path:
+    if case == "missing":
+        return tmp_path / "nowhere"
+    if case == "a file":
+        (tmp_path / "results.txt").write_text("not a directory")
+        return tmp_path / "results.txt"
+    if case == "only failed":
+        make_run(tmp_path, "f0", status="failed")
+        make_run(tmp_path, "f1", status="interrupted", seed=1)
+    return tmp_path  # "empty": nothing in it
+
+
+@pytest.mark.parametrize("case, expect", [("missing", "does not exist"), ("a file", "is not a directory"),
+                                          ("empty", "holds no run directories"),
+                                          ("only failed", "holds no completed runs (2 not counted")])
+def test_nothing_to_report_is_one_line_and_exit_2(case, expect, tmp_path, capsys):
+    root = _usage_case(case, tmp_path)
+    assert main([str(root)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith(ERROR)]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert expect in errors[0] and "python -m mixprec.run" in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mixprec.report", str(tmp_path / "nowhere")], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(ERROR)
+
+
+def test_loss_scale_figure_marks_skipped_steps_and_is_absent_without_a_scaler(tmp_path):
+    scaled, unscaled = tmp_path / "fp16", tmp_path / "bf16"
+    make_run(scaled, "base")
+    make_run(scaled, "amp", mode="amp", amp_dtype="float16", loss_scales=[65536.0, 65536.0, 32768.0, 32768.0],
+             skipped=(3,))
+    make_run(unscaled, "base")
+    make_run(unscaled, "amp", mode="amp", amp_dtype="bfloat16")
+
+    groups = group_runs(load_results(scaled)[0])
+    assert [g.label for g in groups] == ["baseline", "amp (float16)"]
+    fig = loss_scale_figure(groups)
+    (ax,) = [ax for ax in fig.axes if ax.get_visible() and ax.lines]
+    assert ax.get_yscale() == "log" and ax.get_title() == "resnet20 / amp (float16) (n=1)"
+    crosses = [line for line in ax.lines if line.get_marker() == "x"]
+    assert len(crosses) == 1 and crosses[0].get_xdata().tolist() == [3]
+    assert crosses[0].get_ydata().tolist() == [32768.0]
+    rows = md_rows(comparison_markdown(comparison_table(groups), groups))
+    assert rows[1]["final loss scale"] == "32768" and rows[1]["skipped steps"] == "1"
+    assert loss_scale_figure(group_runs(load_results(unscaled)[0])) is None  # bfloat16 amp has no scaler
+
+
+def test_report_of_a_real_tiny_study(tiny_cifar, tmp_path, capsys):
+    from mixprec.run import main as run
+
+    for mode in ("baseline", "manual"):
+        assert run(["--mode", mode, "--model", "resnet20", "--epochs", "1", "--batch-size", "64", "--device", "cpu",
+                    "--test-subset", "40", "--data", str(tiny_cifar["pickles"]), "--out", str(tmp_path)]) == 0
+    summaries = {s["mode"]: s for s in (json.loads(p.read_text()) for p in tmp_path.glob("runs/*/summary.json"))}
+    out, _, _ = report(tmp_path, capsys)
+
+    figures = ["confusion_matrices.png", "curves.png", "loss_scale.png", "memory.png"]
+    for name in ["comparison.md", "comparison.csv", "per_class_accuracy.md", "per_class_accuracy.csv", "report.md",
+                 *figures]:
+        assert (out / name).exists(), name
+    assert not list(out.glob(".*.tmp"))
+    text = (out / "report.md").read_text()
+    for name in figures:
+        assert f"]({name})" in text
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 600
+    assert (out / "comparison.md").read_text().split("\n\n")[0] in text
+    assert f"`python -m mixprec.report {tmp_path}`" in text and "Do not edit by hand" in text
+
+    table = pd.read_csv(out / "comparison.csv").set_index("mode")
+    base, manual = summaries["baseline"], summaries["manual"]
+    assert table["n"].tolist() == [1, 1]
+    assert table.loc["baseline", "test_accuracy_mean"] == pytest.approx(base["test_accuracy"], abs=1e-12)
+    assert table.loc["manual", "speedup_vs_baseline"] == pytest.approx(base["train_time_s"] / manual["train_time_s"])
+    assert table.loc["manual", "memory_ratio_vs_baseline"] == pytest.approx(
+        manual["peak_memory_bytes"] / base["peak_memory_bytes"])
+    assert table.loc["manual", "final_loss_scale_mean"] == manual["final_loss_scale"]
+    per_class = pd.read_csv(out / "per_class_accuracy.csv").set_index("class")
+    assert list(per_class.index) == [*CLASSES, "all"]
+    column = per_class["resnet20 / manual"]
+    assert column["all"] == pytest.approx(manual["test_accuracy"])
+    assert column[CLASSES[3]] == pytest.approx(manual["per_class_accuracy"][CLASSES[3]])
