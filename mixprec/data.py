@@ -313,7 +313,8 @@ def _subset(split: tuple[torch.Tensor, torch.Tensor], n: int, option: str, what:
 def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``pad``, take a random same-size crop, and flip half the images horizontally.
 
-    Crop and flip are one advanced-indexing gather on the whole batch. The random numbers come from
+    The crop is one gather of each image's window from a view of all windows, and the flip one
+    ``torch.where``, on the whole batch. The random numbers come from
     a CPU generator so a seed gives the same augmentation on every device."""
     return _crop_flip(images, pad, _draw_crop_flip(len(images), pad, generator))
 
@@ -328,13 +329,11 @@ def _draw_crop_flip(batch: int, pad: int, generator: torch.Generator) -> tuple[t
 def _crop_flip(images: torch.Tensor, pad: int, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
     b, c, h, w = images.shape
     dev = images.device
-    dy, dx, flip = (t.to(dev) for t in draws)
+    dy, dx, flip = (t.to(dev).view(b) for t in draws)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    rows = dy + torch.arange(h, device=dev)
-    cols = dx + torch.arange(w, device=dev)
-    cols = torch.where(flip, cols.flip(1), cols)
-    return padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # a view: b x c x (2 pad + 1) x (2 pad + 1) x h x w
+    crops = windows[torch.arange(b, device=dev), :, dy, dx]  # one gather of whole rows: b x c x h x w
+    return torch.where(flip.view(b, 1, 1, 1), crops.flip(3), crops)
 
 
 class CifarLoader:
