@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -44,7 +45,7 @@ from mixprec.data import (
 from mixprec.device import device_name
 
 TARGET = 10.0
-DEFAULT_DATA = "/work/shared/data/cifar10-jpeg.tar.gz"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 class CIFAR10Like(torch.utils.data.Dataset):

@@ -39,6 +39,7 @@ import pstats
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ from mixprec.steps import setup_precision
 from mixprec.train import _train_epoch, make_scheduler
 
 TARGET = 0.97
-DEFAULT_DATA = "/work/shared/data/cifar10-jpeg.tar.gz"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def main() -> int:
