@@ -34,3 +34,22 @@ def test_half_precision_halves_the_activations(breakdowns):
 
 def _buffer_bytes():
     return sum(b.numel() * b.element_size() for b in build_model("resnet20").buffers())  # FP32 BN statistics
+
+
+def test_activation_bytes_of_a_two_layer_net_by_hand():
+    """Linear(8, 16) -> ReLU -> Linear(16, 4) on a 5 x 8 FP32 batch. Autograd saves the input (for the first
+    weight's gradient, 5*8*4 = 160 B), ReLU's output (5*16*4 = 320 B), which is also the second Linear's
+    input and so is counted once, and the second weight (16*4*4 = 256 B, needed for the gradient of an input
+    that requires grad). The first weight is not saved: the batch itself needs no gradient."""
+    import torch
+    from torch import nn
+
+    from mixprec.memory import SavedTensorBytes
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with SavedTensorBytes() as saved:
+        net(torch.randn(5, 8))
+    assert saved.bytes == 160 + 320 + 256
+    with SavedTensorBytes() as saved:
+        net.half()(torch.randn(5, 8).half())
+    assert saved.bytes == (160 + 320 + 256) // 2
