@@ -35,6 +35,8 @@ class RunConfig:
 
     mode: str
     model: str = "resnet18"
+    pretrained: bool = False
+    channels_last: bool = False
     epochs: int = 50
     batch_size: int = 128
     lr: float = 0.1
@@ -65,7 +67,7 @@ class RunConfig:
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
-        from .models import MODELS
+        from .models import MODELS, has_pretrained
 
         for option, value, allowed in (("mode", self.mode, MODES), ("model", self.model, tuple(MODELS)),
                                        ("schedule", self.schedule, SCHEDULES), ("device", self.device, DEVICES),
@@ -75,6 +77,9 @@ class RunConfig:
                                        ("on-min-scale", self.on_min_scale, ON_MIN_SCALE)):
             if value not in allowed:
                 raise UsageError(f"unknown --{option} {value!r}: choose one of {', '.join(allowed)}")
+        if self.pretrained and not has_pretrained(self.model):
+            raise UsageError(f"--pretrained: there are no ImageNet weights for {self.model}; pick a model built from "
+                             "torchvision or timm")
         counts = {"epochs": self.epochs, "batch-size": self.batch_size, "subset": self.subset,
                   "test-subset": self.test_subset, "accumulate": self.accumulate,
                   "telemetry-every": self.telemetry_every}
@@ -135,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet18", choices=tuple(MODELS),
                    help="architecture, adapted to 32x32 inputs (resnet20 is the one that trains in "
                    "minutes on a CPU)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's or timm's ImageNet weights (downloaded once into TORCH_HOME or "
+                   "HF_HOME), with a new classifier; layers the CIFAR adaptation replaced start fresh")
+    p.add_argument("--channels-last", action="store_true",
+                   help="keep the model's weights and the input batches in channels_last (NHWC) memory format, "
+                   "which tensor cores prefer")
     p.add_argument("--epochs", type=int, default=50, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")

@@ -341,7 +341,8 @@ class CifarLoader:
 
     ``train=True`` shuffles in a seeded order, applies :func:`random_crop_flip` and drops the last
     partial batch (BatchNorm cannot train on a batch of one); ``train=False`` serves the split in
-    order, whole. Batches are normalized float32 ``B x 3 x 32 x 32`` with int64 labels.
+    order, whole. Batches are normalized float32 ``B x 3 x 32 x 32`` with int64 labels, laid out in
+    ``memory_format``.
 
     As with ``DistributedSampler``, epoch ``e`` draws its order and augmentation from
     ``seed + e``; the epoch advances by one at every pass, or is set with :meth:`set_epoch`, which can
@@ -356,7 +357,8 @@ class CifarLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool,
                  device: torch.device | str, seed: int = 0,
-                 mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD, pad: int = 4):
+                 mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD, pad: int = 4,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
         if train and len(images) < batch_size:
@@ -367,6 +369,7 @@ class CifarLoader:
         self.batch_size, self.train, self.seed, self.pad = batch_size, train, seed, pad
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.memory_format = memory_format  # torch.channels_last for --channels-last
         self.epoch = 0
         self.start_batch = 0
 
@@ -397,4 +400,4 @@ class CifarLoader:
                 continue
             else:
                 x, y = self.images[sl], self.labels[sl]
-            yield (x.float() - self.mean) / self.std, y
+            yield ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format), y

@@ -42,6 +42,7 @@ def summary(cfg, result, splits) -> dict:
         "error": result.error,
         "mode": cfg.mode,
         "model": cfg.model,
+        "pretrained": cfg.pretrained,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "epochs_completed": len(result.epochs),
@@ -51,6 +52,7 @@ def summary(cfg, result, splits) -> dict:
         "amp_dtype": result.amp_dtype,
         "half_compute": result.half_compute,
         "params": result.params,
+        "macs": result.macs,
         "train_images": len(splits.train[1]),
         "val_images": len(splits.val[1]),
         "test_images": len(splits.test[1]),
@@ -61,6 +63,7 @@ def summary(cfg, result, splits) -> dict:
         "warmup_steps": WARMUP_STEPS,
         "warmup_time_s": result.warmup_time_s,
         "compile": cfg.compile,
+        "channels_last": cfg.channels_last,
         "peak_memory_bytes": result.peak_memory_bytes,
         "memory": result.memory,
         "skipped_steps": result.skipped_steps if cfg.mode != "baseline" else None,
@@ -139,6 +142,10 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
     from .train import train
 
     device = resolve_device(cfg.device)  # fail on a missing GPU before decoding any data
+    if cfg.pretrained and resume_dir is None:
+        from .models import build_model
+
+        build_model(cfg.model, pretrained=True)  # download the weights now: no network fails before the run starts
     checkpoint = None
     if resume_dir is not None:
         checkpoint = _load_checkpoint(resume_dir)

@@ -25,7 +25,7 @@ from . import device as dev
 from .config import RunConfig
 from .data import CifarLoader, Splits
 from .memory import SavedTensorBytes, breakdown
-from .models import build_model, count_params
+from .models import build_model, count_macs, count_params
 from .scaler import LossScaleCollapse
 from .steps import Precision, setup_precision
 
@@ -56,6 +56,7 @@ class RunResult:
     amp_dtype: str | None
     half_compute: str | None
     params: int
+    macs: int | None = None  # multiply-accumulates of one forward pass of one image (FlopCounterMode)
     notes: list[str] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
@@ -215,14 +216,20 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     device = dev.resolve_device(cfg.device)
     tf32 = dev.configure(device, cfg.deterministic, cfg.tf32)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, num_classes=len(splits.classes)).to(device)
+    # the one place that decides the memory format: the model's weights here, the batches in the loaders
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    # a resumed run's weights come from its checkpoint: no need for ImageNet's (or the network)
+    model = build_model(cfg.model, num_classes=len(splits.classes), pretrained=cfg.pretrained and resume is None)
+    model = model.to(device, memory_format=memory_format)
     params = count_params(model)
+    macs = count_macs(model, image_size=splits.train[0].shape[-1])  # on a meta copy of the FP32 model
     precision = setup_precision(cfg, model, device)
-    train_loader = CifarLoader(*splits.train, cfg.batch_size, train=True, device=device, seed=cfg.seed)
-    val_loader = CifarLoader(*splits.val, EVAL_BATCH_SIZE, train=False, device=device)
-    test_loader = CifarLoader(*splits.test, EVAL_BATCH_SIZE, train=False, device=device)
+    train_loader = CifarLoader(*splits.train, cfg.batch_size, train=True, device=device, seed=cfg.seed,
+                               memory_format=memory_format)
+    val_loader = CifarLoader(*splits.val, EVAL_BATCH_SIZE, train=False, device=device, memory_format=memory_format)
+    test_loader = CifarLoader(*splits.test, EVAL_BATCH_SIZE, train=False, device=device, memory_format=memory_format)
     scheduler = make_scheduler(cfg, precision.optimizer, len(train_loader))
-    result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params,
+    result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params, macs,
                        notes=precision.notes, tf32=tf32)
     scaled = precision.loss_scale() is not None
     start_epoch, best_val_acc, last_finite_loss = 0, -1.0, math.nan
@@ -261,7 +268,9 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
                          "best_val_acc": best_val_acc, "last_finite_loss": last_finite_loss},
         }
 
-    log(f"{cfg.model} ({params / 1e6:.2f}M params), mode {cfg.mode}: {precision.description}; "
+    log(f"{cfg.model} ({params / 1e6:.2f}M params, {macs / 1e9:.3f} GMAC per image"
+        + (", ImageNet weights" if cfg.pretrained else "") + (", channels_last" if cfg.channels_last else "")
+        + f"), mode {cfg.mode}: {precision.description}; "
         f"device {device} ({dev.device_name(device)}); {len(splits.train[1])} train / "
         f"{len(splits.val[1])} val / {len(splits.test[1])} test images"
         + (f"; resuming after epoch {start_epoch}" if resume is not None else ""))

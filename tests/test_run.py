@@ -97,6 +97,34 @@ def test_synthetic_data_run_end_to_end(tiny_cifar, tmp_path):
     assert s["train_images"] == 180 and s["val_images"] == 20 and s["test_images"] == 40
 
 
+def test_channels_last_and_macs_are_recorded(tiny_cifar, tmp_path):
+    code = main(["--mode", "manual", "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--channels-last",
+                 "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    run = _only_run(tmp_path)
+    s = _check_run_dir(run, "manual")
+    assert s["channels_last"] is True and s["pretrained"] is False
+    assert s["macs"] == 40_813_184  # FlopCounterMode's count for one 32x32 image (tests/test_models.py)
+    config = json.loads((run / "config.json").read_text())
+    assert config["channels_last"] is True and config["pretrained"] is False
+
+
+def test_pretrained_without_network_stops_before_the_run_in_one_line(tiny_cifar, tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    code = main(["--mode", "baseline", "--model", "resnet18", "--pretrained", "--data", str(tiny_cifar["pickles"]),
+                 "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("Downloading: ")]
+    assert len(err) == 1 and "cannot download ImageNet weights for resnet18 (no network?)" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_images_per_s_leaves_out_the_first_20_steps(tiny_cifar, tmp_path):
     code = main(["--mode", "baseline", "--model", "resnet20", "--epochs", "2", "--batch-size", "6",
                  "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
@@ -134,6 +162,8 @@ BAD = {
     "missing data": (["--mode", "amp", "--data", "/no/such/cifar"], "does not exist"),
     "subset too large": (["--mode", "amp", "--subset", "1000"], "larger than the 180-image training split"),
     "cuda without cuda": (["--mode", "amp", "--device", "cuda"], "--device cuda was asked for"),
+    "pretrained resnet20": (["--mode", "amp", "--model", "resnet20", "--pretrained"],
+                            "--pretrained: there are no ImageNet weights for resnet20"),
 }
 
 
