@@ -163,7 +163,8 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
             dev.synchronize(device)
             partial = {"steps_done": i + 1, "losses": losses.cpu(), "correct": correct.cpu(), "lrs": lrs,
                        "scales": scales, "skips": skips, "grad_stats": {k: v.cpu() for k, v in grad_stats.items()},
-                       "warmup_seconds": warmup_seconds, "seconds": seconds_before + time.perf_counter() - start, "last_finite_loss": last_finite_loss}
+                       "warmup_seconds": warmup_seconds, "seconds": seconds_before + time.perf_counter() - start,
+                       "last_finite_loss": last_finite_loss}
             raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1} of {n}", partial)
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == n:
             seen = losses[: i + 1]
