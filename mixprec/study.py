@@ -86,10 +86,7 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[Combin
                                                                   args.weight_decay, args.modes):
         argv_run = ["--mode", mode, "--model", model, "--seed", str(seed), "--lr", repr(lr), "--momentum",
                     repr(momentum), "--weight-decay", repr(wd), *passed_on, "--out", args.out]
-        try:
-            parse_command(argv_run)  # validates every combination before the first one runs
-        except SystemExit as e:  # argparse already printed its one-line error for an unknown option
-            raise SystemExit(e.code) from None
+        parse_command(argv_run)  # validates every combination before the first one runs (argparse exits 2)
         grid = "" if len(args.lr) * len(args.momentum) * len(args.weight_decay) == 1 else \
             f" lr={lr:g} momentum={momentum:g} wd={wd:g}"
         combos.append(Combination(argv_run, f"{model} {mode} seed {seed}{grid}"))
