@@ -34,7 +34,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
-MODES = ("baseline", "amp", "manual")
+from .config import MODES
 
 
 def prepare(model, mode: str, device, amp_dtype: str = "auto", half_compute: str = "auto"):

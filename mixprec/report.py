@@ -37,11 +37,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import RunConfig, UsageError, _OneLineParser
+from .config import MODES, RunConfig, UsageError, _OneLineParser
 from .results import read_json, write_csv, write_figure, write_text
 
 PROG = "python -m mixprec.report"
-MODES = ("baseline", "amp", "manual")
 IGNORED = ("seed", "out", "data", "device")  # differ between the seeds or copies of one setting
 TRAINING = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "subset", "test_subset",
             "accumulate", "clip_grad_norm", "deterministic", "tf32", "compile", "pretrained",

@@ -86,13 +86,13 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[Combin
                                                                   args.weight_decay, args.modes):
         argv_run = ["--mode", mode, "--model", model, "--seed", str(seed), "--lr", repr(lr), "--momentum",
                     repr(momentum), "--weight-decay", repr(wd), *passed_on, "--out", args.out]
-        parse_command(argv_run)  # validates every combination before the first one runs (argparse exits 2)
+        cfg, _ = parse_command(argv_run)  # validates every combination before the first one runs (argparse exits 2)
         grid = "" if len(args.lr) * len(args.momentum) * len(args.weight_decay) == 1 else \
             f" lr={lr:g} momentum={momentum:g} wd={wd:g}"
         combos.append(Combination(argv_run, f"{model} {mode} seed {seed}{grid}"))
     from .device import resolve_device
 
-    resolve_device(parse_command(combos[0].argv)[0].device)  # --device cuda without a GPU: say so now, once
+    resolve_device(cfg.device)  # the same in every combination: --device cuda without a GPU is said now, once
     return args, combos
 
 
@@ -136,9 +136,9 @@ class Stop:
         self.signum = signum
 
 
-def run_one(combo: Combination, out: str, log_dir: Path, stop: Stop) -> int:
-    """Run (or resume) one combination in a child process; its console output goes to ``log_dir``."""
-    existing = find_run(out, combo.argv)
+def run_one(combo: Combination, out: str, log_dir: Path, stop: Stop, existing: tuple[Path, str] | None) -> int:
+    """Run one combination in a child process, or resume ``existing`` (its run directory and status, from
+    :func:`find_run`) when that was interrupted; its console output goes to ``log_dir``."""
     argv = combo.argv
     if existing is not None and existing[1] == "interrupted":
         data = combo.argv[combo.argv.index("--data"):][:2] if "--data" in combo.argv else []
@@ -196,7 +196,7 @@ def _run_all(combos: list[Combination], out: str, log_dir: Path, stop: Stop, rec
                            file=sys.stderr)
                 continue
             bar.set_postfix_str(combo.label)
-            exit_code = run_one(combo, out, log_dir, stop)
+            exit_code = run_one(combo, out, log_dir, stop, done)
             record()
             outcome = (f"test accuracy {combo.test_accuracy:.4f}" if combo.status == "completed"
                        else f"{combo.status} (exit {exit_code}): {combo.error}")
