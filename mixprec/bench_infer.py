@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,36 +38,29 @@ from .config import MODES
 
 def prepare(model, mode: str, device, amp_dtype: str = "auto", half_compute: str = "auto"):
     """Turn an FP32 ``model`` (on ``device``) into ``mode``'s inference: ``(forward, description)``, where
-    ``forward(x)`` takes an FP32 batch and returns FP32 logits. Manual mode casts ``model`` in place."""
+    ``forward(x)`` takes an FP32 batch and returns FP32 logits, as the training run evaluates. Manual mode
+    casts ``model`` in place."""
     import torch
 
     from .master import half_with_fp32_norm_
-    from .steps import resolve_amp_dtype, resolve_half_compute
+    from .steps import (
+        eval_forward,
+        half_compute_context,
+        resolve_amp_dtype,
+        resolve_half_compute,
+    )
 
     model.eval()
     if mode == "baseline":
         return model, {"dtype": "float32", "half_compute": None}
     if mode == "amp":
         dtype = resolve_amp_dtype(amp_dtype, device)
-        autocast = torch.autocast(device.type, dtype=dtype)
-
-        def forward(x):
-            with autocast:
-                return model(x).float()
-
+        forward = eval_forward(model, torch.autocast(device.type, dtype=dtype))
         return forward, {"dtype": f"autocast {str(dtype).removeprefix('torch.')}", "half_compute": None}
     if mode == "manual":
-        from .halfops import emulated_half_compute
-
         how = resolve_half_compute(half_compute, device)
         half_with_fp32_norm_(model, torch.float16)
-        context = emulated_half_compute() if how == "emulated" else nullcontext()
-
-        def forward(x):
-            with context:
-                return model(x.half()).float()
-
-        return forward, {"dtype": "float16", "half_compute": how}
+        return eval_forward(model, half_compute_context(how), torch.float16), {"dtype": "float16", "half_compute": how}
     raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -144,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manual mode's FP16 convolutions: native kernels, or emulated tensor-core arithmetic "
                    "with FP32 kernels. auto: native on CUDA, emulated on CPU")
     p.add_argument("--channels-last", action="store_true", help="weights and input in channels_last memory format")
-    p.add_argument("--out", default="results/bench_infer.csv", help="CSV file the rows are appended to")
+    p.add_argument("--out", default="results/bench_infer.csv", help="CSV file the rows are appended to (python -m mixprec.report RESULTS_DIR "
+                   "shows RESULTS_DIR/bench_infer.csv as a table)")
     return p
 
 
@@ -164,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         device = resolve_device(args.device)
-        for model_name in args.model:
-            for mode in args.mode:
+        for model_name in dict.fromkeys(args.model):  # each once, in the order given
+            for mode in dict.fromkeys(args.mode):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # bfloat16/FP16 CPU caveats: the numbers say it
                     row = bench(model_name, mode, device, args.image_size, args.batch_size, args.warmup,

@@ -21,9 +21,12 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import socket
 import textwrap
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -48,15 +51,42 @@ def _torchvision(arch: str, num_classes: int, pretrained: bool, **kwargs) -> nn.
     if not pretrained:
         return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
     weights = torchvision.models.get_model_weights(arch).DEFAULT
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    remedy = f"put {weights.url} in {checkpoints} (TORCH_HOME)"
     try:
+        if not (checkpoints / Path(urlparse(weights.url).path).name).exists():
+            _check_reachable(weights.url)
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)
     except OSError as e:  # urllib's URLError, timeouts, an unwritable TORCH_HOME
-        checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-        raise _no_weights(arch, e, f"put {weights.url} in {checkpoints} (TORCH_HOME)") from None
+        raise _no_weights(arch, e, remedy) from None
     # the classifier is the last Linear in every torchvision CNN; ImageNet's 1000 classes become ours
     head, linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     model.set_submodule(head, nn.Linear(linear.in_features, num_classes))
     return model
+
+
+def _check_reachable(url: str, timeout: float = 10.0) -> None:
+    """Raise ``OSError`` at once if ``url``'s host cannot be connected to, before a library prints that it
+    is downloading and then retries. Behind a proxy (``https_proxy``) the library is left to try."""
+    if urllib.request.getproxies().get(urlparse(url).scheme):
+        return
+    parts = urlparse(url)
+    socket.create_connection((parts.hostname, parts.port or {"http": 80}.get(parts.scheme, 443)), timeout).close()
+
+
+def _timm_weights_source(arch: str) -> str | None:
+    """Where timm would download ``arch``'s ImageNet weights from, or None if they are cached (HF_HOME)."""
+    import huggingface_hub
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    if not cfg.hf_hub_id:
+        return cfg.url
+    if huggingface_hub.constants.HF_HUB_OFFLINE or any(
+            isinstance(huggingface_hub.try_to_load_from_cache(cfg.hf_hub_id, f), str)
+            for f in ("model.safetensors", "pytorch_model.bin")):
+        return None
+    return huggingface_hub.constants.ENDPOINT
 
 
 def _timm(arch: str, num_classes: int, pretrained: bool) -> nn.Module:
@@ -66,6 +96,8 @@ def _timm(arch: str, num_classes: int, pretrained: bool) -> nn.Module:
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # offline, it logs ~20 lines of retries before it gives up
     try:
+        if pretrained and (url := _timm_weights_source(arch)):
+            _check_reachable(url)  # offline, timm would retry for ~50 s
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
     except OSError as e:  # huggingface_hub's LocalEntryNotFoundError and URLError are both OSErrors
         raise _no_weights(arch, e, "fetch it into HF_HOME on a machine with network") from None

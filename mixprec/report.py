@@ -14,6 +14,8 @@ Writes to ``--out`` (default ``RESULTS_DIR/report``), every file atomically:
 - ``grid.md``/``.csv``: mean final validation accuracy per lr/momentum/weight-decay combination and
   model, when the runs vary those (the CSV is long: one row per cell, with a boolean ``best``);
 - ``per_class_accuracy.md``/``.csv``: per-class test accuracy per group (the CSV in fractions);
+- ``inference.md``: the inference benchmark's rows, when ``RESULTS_DIR/bench_infer.csv`` exists
+  (``python -m mixprec.bench_infer`` writes it there with ``--out``; its default is ``results/``);
 - ``confusion_matrices.png``, ``curves.png``, ``loss_scale.png`` (when a group has a loss scale) and
   ``memory.png``;
 - ``report.md``: one page with the environments, the counted and uncounted runs, the tables and the figures.
@@ -50,12 +52,14 @@ GRID = ("lr", "momentum", "weight_decay")
 MEMORY_ROLES = ("weights", "master_weights", "grads", "optimizer_state", "activations")
 MIB = 2**20
 DPI = 150
+INFERENCE_CSV = "bench_infer.csv"  # python -m mixprec.bench_infer --out RESULTS_DIR/bench_infer.csv
 REQUIRED = {
     "config.json": ("mode", "model", "seed"),
     "env.json": ("torch", "device_name"),
     "summary.json": ("test_accuracy", "train_time_s", "peak_memory_bytes", "per_class_accuracy", "confusion_matrix"),
     "epochs.csv": ("epoch", "train_loss", "train_acc", "val_loss", "val_acc"),
     "steps.csv": ("step", "loss_scale", "skipped"),
+    INFERENCE_CSV: ("image_size", "batch_size", "repeats", "mean_ms", "std_ms", "peak_memory_bytes"),
 }
 RERUN = "run `python -m mixprec.run --mode ...` or `python -m mixprec.study ...` first"
 
@@ -557,6 +561,33 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def inference_table(root: Path) -> pd.DataFrame | None:
+    """``root/bench_infer.csv`` (the inference benchmark's rows), or None if there is none. Raises
+    :class:`BadRun` if it cannot be read."""
+    frame = _read_csv(root, INFERENCE_CSV, required=False)
+    if frame is None:
+        return None
+    missing = [c for c in ("model", "mode", "dtype", "device_name", "memory_measure") if c not in frame.columns]
+    if missing or frame.empty:
+        raise BadRun(f"{INFERENCE_CSV} lacks the column(s) {', '.join(missing)}" if missing
+                     else f"{INFERENCE_CSV} has no rows")
+    return frame
+
+
+def inference_markdown(frame: pd.DataFrame) -> str:
+    """One row per benchmarked model x mode, in the CSV's order: latency mean ± std, speed-up and peak."""
+    shown = pd.DataFrame({
+        "model": frame["model"], "mode": frame["mode"], "precision": frame["dtype"],
+        "input": [f"{b} x {s}x{s}" for b, s in zip(frame.batch_size, frame.image_size)],
+        "latency (ms)": [_pm(m, s, ".2f") for m, s in zip(frame.mean_ms, frame.std_ms)],
+        "speedup vs FP32": frame.get("speedup_vs_fp32", pd.Series(math.nan, index=frame.index)).map(
+            lambda v: _num(v, ".2f")),
+        "peak (MiB)": (frame.peak_memory_bytes / MIB).map(lambda v: _num(v, ",.0f")),
+        "memory measure": frame["memory_measure"], "device": frame["device_name"], "repeats": frame["repeats"]})
+    return (f"From `{INFERENCE_CSV}` (`python -m mixprec.bench_infer`): latency per forward pass over the "
+            "repeats, after the warm-up passes.\n\n" + markdown_table(shown))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # figures (matplotlib's object-oriented API: no pyplot state, so nothing leaks between figures)
 
@@ -787,7 +818,7 @@ def report_markdown(root: Path, runs: list[Run], groups: list[Group], excluded: 
         lines += ["", f"{len(excluded)} run director{'y' if len(excluded) == 1 else 'ies'} not counted:", ""]
         lines += [f"- `{_relative(e.path, root)}`: {e.status}: {e.reason}" for e in excluded]
     titles = {"comparison": "Comparison with the baseline", "grid": "Hyperparameter grid",
-              "per_class_accuracy": "Per-class test accuracy"}
+              "per_class_accuracy": "Per-class test accuracy", "inference": "Inference latency and memory"}
     for name, text in sections.items():
         lines += ["", f"## {titles[name]}", "", text.rstrip()]
     lines += ["", "## Figures"]
@@ -817,6 +848,16 @@ def make_report(root: Path, out: Path | None = None) -> str:
         out.mkdir(parents=True, exist_ok=True)
         groups = group_runs(runs)
         sections = write_tables(out, groups)
+        try:
+            inference = inference_table(root)
+        except BadRun as e:
+            print(f"{PROG}: warning: no inference table: {e}", file=sys.stderr)
+            inference = None
+        if inference is not None:
+            sections["inference"] = inference_markdown(inference)
+            write_text(out / "inference.md", sections["inference"])
+        else:  # an earlier report's table would contradict this one
+            (out / "inference.md").unlink(missing_ok=True)
         figures = write_figures(out, groups)
         write_text(out / "report.md", report_markdown(root, runs, groups, excluded, sections, figures))
     except OSError as e:

@@ -159,6 +159,22 @@ def resolve_half_compute(name: str, device: torch.device) -> str:
     return name
 
 
+def half_compute_context(how: str) -> AbstractContextManager:
+    """The context manual mode's forward and backward run in: ``emulated`` tensor-core arithmetic or ``native``."""
+    return emulated_half_compute() if how == "emulated" else nullcontext()
+
+
+def eval_forward(net: nn.Module, context: AbstractContextManager,
+                 dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``forward(images)``: FP32 logits of ``net`` run under ``context`` (autocast, or the half compute), with
+    the images cast to ``dtype`` first if given (manual mode's half model). Evaluation and bench_infer use it."""
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with context:
+            return net(images if dtype is None else images.to(dtype)).float()
+
+    return forward
+
+
 def make_loss_scaler(cfg: RunConfig) -> DynamicLossScaler:
     """The manual mode's scaler for ``--loss-scale`` dynamic / none / a static number."""
     if cfg.loss_scale == "dynamic":
@@ -193,13 +209,10 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
         opt = _sgd(model.parameters(), cfg)
         injected = OverflowInjector(scaler, cfg.inject_overflow) if cfg.inject_overflow else scaler
 
-        def forward(images):
-            with autocast:
-                return net(images)
-
         amp_dtype = str(dtype).removeprefix("torch.")
         scaling = f"GradScaler from {scaler.get_scale():g}" if scaler.is_enabled() else "no loss scaler"
-        return Precision(partial(amp_step, net, opt, autocast=autocast, scaler=injected, **step_options), forward, opt,
+        return Precision(partial(amp_step, net, opt, autocast=autocast, scaler=injected, **step_options),
+                         eval_forward(net, autocast), opt,
                          lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=amp_dtype,
                          scaler=scaler, description=f"torch.autocast({amp_dtype}), {scaling}")
 
@@ -215,12 +228,7 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
         opt = _sgd(master.params, cfg)
         scaler = make_loss_scaler(cfg)
         injected = OverflowInjector(scaler, cfg.inject_overflow) if cfg.inject_overflow else scaler
-        half_compute = emulated_half_compute() if how == "emulated" else nullcontext()
-
-        def forward(images):
-            with half_compute:
-                return net(images.to(dtype)).float()
-
+        half_compute = half_compute_context(how)
         notes = []
         if dtype == torch.bfloat16 and cfg.loss_scale != "none":
             notes.append("bfloat16 has FP32's exponent range, so loss scaling is unnecessary; the scaler ran "
@@ -233,7 +241,7 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
             cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
         step = partial(manual_step, net, opt, master=master, scaler=injected, dtype=dtype,
                        half_compute=half_compute, **step_options)
-        return Precision(step, forward, opt, scaler.get_scale, half_compute=how, master=master, scaler=scaler,
+        return Precision(step, eval_forward(net, half_compute, dtype), opt, scaler.get_scale, half_compute=how, master=master, scaler=scaler,
                          notes=notes, description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, "
                                                   f"{arithmetic}, {scaling}")
 

@@ -1,4 +1,5 @@
 import copy
+import socket
 import urllib.error
 
 import pytest
@@ -178,8 +179,44 @@ def _no_network(*args, **kwargs):
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
 
-def test_pretrained_without_network_is_a_one_line_usage_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+def _no_dns(*args, **kwargs):
+    raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+
+class _Connected:
+    def close(self):
+        pass
+
+
+def _must_not_download(*args, **kwargs):
+    raise AssertionError("downloaded although the host is unreachable")
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+
+def test_pretrained_without_network_fails_in_one_line_before_downloading(empty_caches, monkeypatch, capsys):
+    import timm.models._hub
+
+    monkeypatch.setattr(socket, "create_connection", _no_dns)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _must_not_download)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", _must_not_download)
+    for name, arch in (("resnet18", "resnet18"), ("efficientnetv2_b0", "tf_efficientnetv2_b0")):
+        with pytest.raises(UsageError) as e:
+            build_model(name, pretrained=True)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"cannot download ImageNet weights for {arch} (no network?)")
+        assert "gaierror: [Errno -3] Temporary failure in name resolution" in message
+        assert "run without --pretrained" in message
+    assert capsys.readouterr().err == ""  # no "Downloading: ..." line before the error
+
+
+def test_pretrained_download_failing_after_the_host_answered_is_a_one_line_usage_error(empty_caches, monkeypatch):
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: _Connected())
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     with pytest.raises(UsageError) as e:
         build_model("resnet18", pretrained=True)
@@ -188,7 +225,7 @@ def test_pretrained_without_network_is_a_one_line_usage_error(tmp_path, monkeypa
     assert "Temporary failure in name resolution" in message and "run without --pretrained" in message
 
 
-def test_pretrained_timm_model_without_network_is_a_one_line_usage_error(tmp_path, monkeypatch):
+def test_pretrained_timm_model_failing_after_the_host_answered_is_a_one_line_usage_error(empty_caches, monkeypatch):
     import timm.models._hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -196,7 +233,7 @@ def test_pretrained_timm_model_without_network_is_a_one_line_usage_error(tmp_pat
         raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic "
                                       "has been disabled.\nTo enable hf.co look-ups, set HF_HUB_OFFLINE=0.")
 
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: _Connected())
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", offline)
     with pytest.raises(UsageError, match=r"^cannot download ImageNet weights for tf_efficientnetv2_b0 \(no network"
                                          r"\?\): LocalEntryNotFoundError: [^\n]*$"):

@@ -292,6 +292,29 @@ def test_loss_scale_figure_marks_skipped_steps_and_is_absent_without_a_scaler(tm
     assert loss_scale_figure(group_runs(load_results(unscaled)[0])) is None  # bfloat16 amp has no scaler
 
 
+def test_inference_benchmark_rows_become_a_table_and_a_broken_csv_is_skipped_with_a_warning(tmp_path, capsys):
+    from mixprec.bench_infer import main as bench_infer
+
+    make_run(tmp_path, "base0")
+    assert bench_infer(["--model", "resnet20", "--mode", "baseline", "manual", "--image-size", "32", "--repeats", "3",
+                        "--warmup", "1", "--device", "cpu", "--out", str(tmp_path / "bench_infer.csv")]) == 0
+    bench = pd.read_csv(tmp_path / "bench_infer.csv")
+    out, stdout, _ = report(tmp_path, capsys)
+    rows = md_rows((out / "inference.md").read_text().split("\n\n", 1)[1])
+    assert [(r["model"], r["mode"], r["precision"]) for r in rows] == [("resnet20", "baseline", "float32"),
+                                                                       ("resnet20", "manual", "float16")]
+    manual = bench.iloc[1]
+    assert rows[1]["latency (ms)"] == f"{manual.mean_ms:.2f} ± {manual.std_ms:.2f}"
+    assert rows[1]["speedup vs FP32"] == f"{manual.speedup_vs_fp32:.2f}" and rows[0]["speedup vs FP32"] == "1.00"
+    assert rows[1]["peak (MiB)"] == f"{manual.peak_memory_bytes / MIB:,.0f}" and rows[1]["input"] == "1 x 32x32"
+    assert "## Inference latency and memory" in (out / "report.md").read_text() and "inference.md" in stdout
+
+    bench.drop(columns="mean_ms").to_csv(tmp_path / "bench_infer.csv", index=False)
+    _, _, stderr = report(tmp_path, capsys)
+    assert "warning: no inference table: bench_infer.csv lacks the column(s) mean_ms" in stderr
+    assert not (out / "inference.md").exists() and "Inference" not in (out / "report.md").read_text()
+
+
 def test_report_of_a_real_tiny_study(tiny_cifar, tmp_path, capsys):
     from mixprec.run import main as run
 
