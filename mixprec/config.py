@@ -58,6 +58,7 @@ class RunConfig:
     fp16_batchnorm: bool = False
     manual_dtype: str = "float16"
     inject_overflow: tuple[int, ...] = ()  # manual and float16 amp
+    inject_overflow_rank: int | None = None  # under torchrun: only this rank overflows (None: every rank)
     clip_grad_norm: float | None = None  # every mode
     accumulate: int = 1  # every mode
     telemetry_every: int = 10  # every mode
@@ -116,6 +117,8 @@ class RunConfig:
         if self.inject_overflow and self.mode == "baseline":
             raise UsageError("--inject-overflow needs a loss scaler to skip the step: use --mode manual, "
                              "or amp with float16")
+        if self.inject_overflow_rank is not None and (not self.inject_overflow or self.inject_overflow_rank < 0):
+            raise UsageError("--inject-overflow-rank takes a rank (0, 1, ...) and needs --inject-overflow")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -205,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inject-overflow", type=_step_list, default=(), metavar="STEP[,STEP...]",
                    help="make the scaled loss inf at these optimizer steps (1-based, counting skipped ones), to "
                    "watch a skip: manual mode, or amp with float16")
+    g.add_argument("--inject-overflow-rank", type=int, default=None, metavar="RANK",
+                   help="under torchrun, inject the overflow on this rank only (default: every rank); the others "
+                   "must skip the step too")
     g.add_argument("--clip-grad-norm", type=float, default=None, metavar="X",
                    help="clip the gradient norm to X; with a loss scaler, the unscaled gradients are clipped")
     g.add_argument("--accumulate", type=int, default=1, metavar="N",

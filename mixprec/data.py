@@ -348,6 +348,11 @@ class CifarLoader:
     ``seed + e``; the epoch advances by one at every pass, or is set with :meth:`set_epoch`, which can
     also start the next pass part-way (a resumed run), with the same batches as an unbroken pass.
 
+    Data-parallel training (``world_size`` > 1): every rank draws the same global batches of
+    ``batch_size`` and their augmentation, and yields its ``rank``-th contiguous slice of
+    ``batch_size / world_size`` images, so the ranks' shards of an epoch are disjoint and together
+    are exactly the single-process epoch.
+
     Example::
 
         loader = CifarLoader(images, labels, batch_size=128, train=True, device="cpu", seed=0)
@@ -358,12 +363,16 @@ class CifarLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool,
                  device: torch.device | str, seed: int = 0,
                  mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD, pad: int = 4,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
         if train and len(images) < batch_size:
             raise UsageError(f"the training split has {len(images)} images, fewer than one batch of "
                              f"{batch_size}; lower --batch-size or raise --subset")
+        if train and batch_size % world_size:
+            raise UsageError(f"--batch-size {batch_size} (the global batch) does not split evenly over "
+                             f"{world_size} processes; use a multiple of {world_size}")
+        self.shard = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.train, self.seed, self.pad = batch_size, train, seed, pad
@@ -395,6 +404,7 @@ class CifarLoader:
                 draws = _draw_crop_flip(len(idx), self.pad, g)  # drawn for skipped batches too
                 if i < start:
                     continue
+                idx, draws = idx[self.shard], tuple(d[self.shard] for d in draws)  # this rank's slice
                 x, y = _crop_flip(self.images[idx], self.pad, draws), self.labels[idx]
             elif i < start:
                 continue

@@ -26,6 +26,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def local_device(device: torch.device, local_rank: int) -> torch.device:
+    """This process's device under torchrun: ``cuda:LOCAL_RANK``, made current, or the CPU as it is."""
+    if device.type != "cuda":
+        return device
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def configure(device: torch.device, deterministic: bool = False, tf32: bool = True) -> bool:
     """Per-device settings: cuDNN autotuning for speed, or PyTorch's deterministic algorithms, and TF32.
 

@@ -9,6 +9,7 @@ or the loss scale collapsed), with the reason in the summary; 2 bad input, with 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,7 @@ def summary(cfg, result, splits) -> dict:
         "epochs_completed": len(result.epochs),
         "deterministic": cfg.deterministic,
         "tf32": result.tf32,
+        "world_size": result.world_size,
         "device": result.device,
         "amp_dtype": result.amp_dtype,
         "half_compute": result.half_compute,
@@ -84,6 +86,11 @@ def summary(cfg, result, splits) -> dict:
     return s
 
 
+def is_rank0() -> bool:
+    """Whether this process writes the run directory and reports: torchrun's ``RANK`` 0, or the only process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class RunLog:
     """One line per event to stderr (through tqdm, so bars stay intact) and to ``train.log``."""
 
@@ -91,6 +98,8 @@ class RunLog:
         self.run_dir: Path | None = None
 
     def __call__(self, msg: str) -> None:
+        if not is_rank0():  # rank 0 speaks for all ranks
+            return
         tqdm.write(f"[mixprec] {msg}", file=sys.stderr)
         if self.run_dir is not None:
             with open(self.run_dir / "train.log", "a") as f:
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _run(argv, log, stop)
         except UsageError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            if is_rank0():
+                print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
         except BaseException as e:
             if log.run_dir is not None:  # a crash still leaves a summary that says what happened
@@ -134,14 +144,24 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
     cfg, resume_dir = parse_command(argv)
     # imported after parsing, so that --help and a mistyped option answer in ~3 s, not ~8
+    from . import distributed
+    from .device import resolve_device
+
+    # fail on a missing GPU before decoding any data; under torchrun, join the other ranks
+    device = distributed.init(resolve_device(cfg.device))
+    try:
+        return _train_and_write(cfg, resume_dir, device, log, stop)
+    finally:
+        distributed.shutdown()
+
+
+def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: StopRequest) -> int:
     import pandas as pd
 
     from .data import load_cifar10, make_splits
-    from .device import resolve_device
     from .results import create_run_dir, environment, write_csv, write_torch
     from .train import train
 
-    device = resolve_device(cfg.device)  # fail on a missing GPU before decoding any data
     if cfg.pretrained and resume_dir is None:
         from .models import build_model
 
@@ -150,6 +170,8 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
     if resume_dir is not None:
         checkpoint = _load_checkpoint(resume_dir)
     splits = make_splits(load_cifar10(cfg.data), cfg.subset, cfg.test_subset)
+    if not is_rank0():  # rank 0 writes the run directory; the others only train
+        return _exit_code(train(cfg, splits, log=log, resume=checkpoint, stop=stop), stop)
     if resume_dir is None:
         run_dir = log.run_dir = create_run_dir(cfg.out, cfg.model, cfg.mode, cfg.seed)
         write_json(run_dir / "config.json", asdict(cfg))
@@ -175,13 +197,18 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
     write_json(run_dir / "summary.json", summary(cfg, result, splits))
     if result.status == "interrupted":
         log(f"{result.error}: python -m mixprec.run --resume {run_dir}")
-        return 128 + (stop.signum or signal.SIGINT)
-    if result.status != "completed":
+    elif result.status != "completed":
         log(f"failed: {result.error}")
-        return 1
-    log(f"test accuracy {result.test['accuracy']:.4f}, training {result.train_time_s:.1f}s, "
-        f"summary in {run_dir / 'summary.json'}")
-    return 0
+    else:
+        log(f"test accuracy {result.test['accuracy']:.4f}, training {result.train_time_s:.1f}s, "
+            f"summary in {run_dir / 'summary.json'}")
+    return _exit_code(result, stop)
+
+
+def _exit_code(result, stop: StopRequest) -> int:
+    if result.status == "interrupted":
+        return 128 + (stop.signum or signal.SIGINT)
+    return 0 if result.status == "completed" else 1
 
 
 def _load_checkpoint(run_dir: Path) -> dict:

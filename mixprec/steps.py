@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import RunConfig, UsageError
 from .halfops import emulated_half_compute
 from .master import MasterWeights, half_with_fp32_norm_
@@ -34,14 +35,26 @@ class StepOut(NamedTuple):
     skipped: bool  # True if the optimizer step was skipped for an overflow
 
 
-# Each step takes one batch, splits it into `accumulate` micro-batches whose gradients add up,
-# and takes (at most) one optimizer step. `clip` clips the gradient norm of the true gradients.
+# Each step takes one batch (this rank's share of it under DDP), splits it into `accumulate`
+# micro-batches whose gradients add up, and takes (at most) one optimizer step. `clip` clips the
+# gradient norm of the true gradients. Under DistributedDataParallel the backward pass of the last
+# micro-batch also averages the gradients over the ranks, in the model's own precision.
+
+
+def micro_batches(model, images, labels, accumulate):
+    """``(x, y)`` for each of ``accumulate`` micro-batches; under DDP all but the last run in ``no_sync``,
+    so that the gradients are all-reduced once, after they have all been added up."""
+    chunks = list(zip(images.chunk(accumulate), labels.chunk(accumulate)))
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's (also through torch.compile)
+    for i, chunk in enumerate(chunks):
+        with no_sync() if no_sync is not None and i < len(chunks) - 1 else nullcontext():
+            yield chunk  # the caller's forward and backward run inside the context
 
 
 def baseline_step(model, optimizer, images, labels, *, accumulate=1, clip=None) -> StepOut:
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
-    for x, y in zip(images.chunk(accumulate), labels.chunk(accumulate)):
+    for x, y in micro_batches(model, images, labels, accumulate):
         out = model(x)
         micro_loss = F.cross_entropy(out, y) / accumulate
         micro_loss.backward()
@@ -57,7 +70,7 @@ def amp_step(model, optimizer, images, labels, *, autocast, scaler: torch.amp.Gr
              clip=None) -> StepOut:
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
-    for x, y in zip(images.chunk(accumulate), labels.chunk(accumulate)):
+    for x, y in micro_batches(model, images, labels, accumulate):
         with autocast:  # convolutions and linears in FP16/BF16, reductions such as cross_entropy in FP32
             out = model(x)
             micro_loss = F.cross_entropy(out, y) / accumulate
@@ -78,7 +91,7 @@ def manual_step(model, optimizer, images, labels, *, master: MasterWeights, scal
                 half_compute: AbstractContextManager, dtype: torch.dtype, accumulate=1, clip=None) -> StepOut:
     model.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
-    for x, y in zip(images.chunk(accumulate), labels.chunk(accumulate)):
+    for x, y in micro_batches(model, images, labels, accumulate):
         with half_compute:  # native FP16 kernels, or tensor-core arithmetic emulated on a CPU
             out = model(x.to(dtype))
         micro_loss = F.cross_entropy(out.float(), y) / accumulate  # softmax and its sum in FP32
@@ -86,6 +99,7 @@ def manual_step(model, optimizer, images, labels, *, master: MasterWeights, scal
         logits.append(out.detach().float())
         loss += micro_loss.detach()
     found_inf = scaler.unscale_(master.model_params, master.params)  # into FP32 master grads, / scale
+    distributed.any_overflow_(found_inf)  # under DDP: one rank's overflow skips the step on every rank
     skipped = bool(found_inf)  # host sync: the one per step
     if not skipped:
         if clip:
@@ -141,6 +155,12 @@ class Precision:
         return self.scaler.pop_stats() if isinstance(self.scaler, DynamicLossScaler) else None
 
 
+def _injected_steps(cfg: RunConfig) -> tuple[int, ...]:
+    """``--inject-overflow``'s steps, on every rank or on ``--inject-overflow-rank`` only."""
+    here = cfg.inject_overflow_rank is None or cfg.inject_overflow_rank == distributed.rank()
+    return cfg.inject_overflow if here else ()
+
+
 def _sgd(params, cfg: RunConfig) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -188,12 +208,15 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
 
     With ``cfg.compile`` the steps call ``torch.compile(model)``, which shares ``model``'s parameters
     (so master weights, optimizer and checkpoints still work on ``model`` itself). Manual mode converts
-    ``model`` in place before the first (compiling) call."""
+    ``model`` in place before the first (compiling) call. Under torchrun the steps train it wrapped in
+    ``DistributedDataParallel`` (made after that conversion, so it all-reduces the half gradients);
+    evaluation runs it unwrapped, each rank on its shard."""
     step_options = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm)
-    net = torch.compile(model) if cfg.compile else model
+    net = torch.compile(model) if cfg.compile else model  # evaluates; trains, in DDP when there are several ranks
     if cfg.mode == "baseline":
         opt = _sgd(model.parameters(), cfg)
-        return Precision(partial(baseline_step, net, opt, **step_options), net, opt, lambda: None)
+        return Precision(partial(baseline_step, distributed.wrap(net, device), opt, **step_options), net, opt,
+                         lambda: None)
 
     if cfg.mode == "amp":
         dtype = resolve_amp_dtype(cfg.amp_dtype, device)
@@ -207,11 +230,12 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
         autocast = torch.autocast(device.type, dtype=dtype)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # BF16 needs no scaling
         opt = _sgd(model.parameters(), cfg)
-        injected = OverflowInjector(scaler, cfg.inject_overflow) if cfg.inject_overflow else scaler
+        injected = OverflowInjector(scaler, _injected_steps(cfg)) if _injected_steps(cfg) else scaler
 
         amp_dtype = str(dtype).removeprefix("torch.")
         scaling = f"GradScaler from {scaler.get_scale():g}" if scaler.is_enabled() else "no loss scaler"
-        return Precision(partial(amp_step, net, opt, autocast=autocast, scaler=injected, **step_options),
+        return Precision(partial(amp_step, distributed.wrap(net, device), opt, autocast=autocast, scaler=injected,
+                                 **step_options),
                          eval_forward(net, autocast), opt,
                          lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=amp_dtype,
                          scaler=scaler, description=f"torch.autocast({amp_dtype}), {scaling}")
@@ -227,7 +251,7 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
         half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
         opt = _sgd(master.params, cfg)
         scaler = make_loss_scaler(cfg)
-        injected = OverflowInjector(scaler, cfg.inject_overflow) if cfg.inject_overflow else scaler
+        injected = OverflowInjector(scaler, _injected_steps(cfg)) if _injected_steps(cfg) else scaler
         half_compute = half_compute_context(how)
         notes = []
         if dtype == torch.bfloat16 and cfg.loss_scale != "none":
@@ -239,9 +263,10 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
                       "native": "native half kernels"}[how]
         scaling = {"dynamic": "dynamic loss scale from {:g}", "none": "no loss scaling (scale {:g})"}.get(
             cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
-        step = partial(manual_step, net, opt, master=master, scaler=injected, dtype=dtype,
+        step = partial(manual_step, distributed.wrap(net, device), opt, master=master, scaler=injected, dtype=dtype,
                        half_compute=half_compute, **step_options)
-        return Precision(step, eval_forward(net, half_compute, dtype), opt, scaler.get_scale, half_compute=how, master=master, scaler=scaler,
+        return Precision(step, eval_forward(net, half_compute, dtype), opt, scaler.get_scale, half_compute=how,
+                         master=master, scaler=scaler,
                          notes=notes, description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, "
                                                   f"{arithmetic}, {scaling}")
 

@@ -22,7 +22,8 @@ from sklearn.metrics import confusion_matrix
 from tqdm.auto import tqdm
 
 from . import device as dev
-from .config import RunConfig
+from . import distributed
+from .config import RunConfig, UsageError
 from .data import CifarLoader, Splits
 from .memory import SavedTensorBytes, breakdown
 from .models import build_model, count_macs, count_params
@@ -69,7 +70,12 @@ class RunResult:
     peak_memory_bytes: int = 0
     memory: dict | None = None  # bytes by role on one real training step (memory.breakdown)
     tf32: bool = False  # whether FP32 convolutions ran as TF32 (CUDA, Ampere or newer)
+    world_size: int = 1  # processes training together (torchrun); time and memory are rank 0's
     test: dict | None = None  # accuracy, loss, per_class_accuracy, confusion_matrix
+
+
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for all."""
 
 
 def seed_everything(seed: int) -> None:
@@ -91,18 +97,36 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_e
 
 
 @torch.no_grad()
-def evaluate(precision: Precision, model: torch.nn.Module, loader: CifarLoader):
-    """Mean loss, accuracy, and the predictions, using the mode's own forward precision."""
+def evaluate(precision: Precision, model: torch.nn.Module, loader: CifarLoader, labels: torch.Tensor):
+    """Mean loss, accuracy, and the predictions of the split whose ``labels`` are given, using the mode's
+    own forward precision. Under DDP ``loader`` holds this rank's shard, and the results are gathered."""
     model.eval()
-    loss_sum = torch.zeros((), device=loader.labels.device)
-    preds = []
-    for images, labels in loader:
+    distributed.broadcast_buffers(model)  # every rank evaluates rank 0's BatchNorm statistics
+    device = loader.labels.device
+    loss_sum = torch.zeros((), device=device)
+    preds = [torch.empty(0, dtype=torch.int64, device=device)]
+    for images, y in loader:
         logits = precision.forward(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         preds.append(logits.argmax(1))
-    preds = torch.cat(preds)
-    n = len(loader.labels)
-    return loss_sum.item() / n, (preds == loader.labels).float().mean().item(), preds.cpu()
+    preds = distributed.gather_rows(torch.cat(preds), len(labels))
+    loss_sum = distributed.sum_(loss_sum)
+    return loss_sum.item() / len(labels), (preds.cpu() == labels).float().mean().item(), preds.cpu()
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over the ranks (each rank's losses are the means over its equal share of the batch)."""
+    return distributed.sum_(t.clone()) / distributed.world_size() if distributed.world_size() > 1 else t
+
+
+def _stop_requested(stop, i: int, n: int) -> bool:
+    """Whether to stop after step ``i``: at once for one process; under DDP every rank decides together, at
+    the progress updates (a collective), so that no rank waits in an all-reduce the others left."""
+    if stop is None:
+        return False
+    if distributed.world_size() == 1:
+        return stop.is_set()
+    return ((i + 1) % SYNC_EVERY == 0 or i + 1 == n) and distributed.any_rank(stop.is_set())
 
 
 @dataclass
@@ -132,7 +156,8 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         correct = torch.zeros((), dtype=torch.int64, device=device)
         lrs, scales, skips, grad_stats, begin, seconds_before, warmup_seconds = [], [], [], {}, 0, 0.0, 0.0
     else:
-        losses, correct = partial["losses"].to(device), partial["correct"].to(device)
+        # saved with the losses averaged over the ranks and the correct count summed: rank 0 carries the count
+        losses, correct = partial["losses"].to(device), partial["correct"].to(device) * distributed.is_main()
         lrs, scales, skips = partial["lrs"], partial["scales"], partial["skips"]
         grad_stats = {int(k): v.to(device) for k, v in partial["grad_stats"].items()}
         begin, seconds_before, last_finite_loss = partial["steps_done"], partial["seconds"], partial["last_finite_loss"]
@@ -141,7 +166,7 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
     loader.set_epoch(epoch, start_batch=begin)
     start = time.perf_counter()
     bar = tqdm(loader, total=n, initial=begin, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-               file=sys.stderr, dynamic_ncols=True, disable=None)
+               file=sys.stderr, dynamic_ncols=True, disable=None if distributed.is_main() else True)
     for i, (images, labels) in enumerate(bar, start=begin):
         lrs.append(precision.optimizer.param_groups[0]["lr"])
         with SavedTensorBytes() if memory is None else nullcontext() as saved:
@@ -159,16 +184,19 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         if i + 1 == warmup_steps:
             dev.synchronize(device)
             warmup_seconds = seconds_before + time.perf_counter() - start
-        if stop is not None and stop.is_set():  # the step is finished: save the epoch so far
+        if _stop_requested(stop, i, n):  # the step is finished: save the epoch so far
             dev.synchronize(device)
-            partial = {"steps_done": i + 1, "losses": losses.cpu(), "correct": correct.cpu(), "lrs": lrs,
+            partial = {"steps_done": i + 1, "losses": _mean_over_ranks(losses).cpu(),
+                       "correct": distributed.sum_(correct.clone()).cpu(), "lrs": lrs,
                        "scales": scales, "skips": skips, "grad_stats": {k: v.cpu() for k, v in grad_stats.items()},
                        "warmup_seconds": warmup_seconds, "seconds": seconds_before + time.perf_counter() - start,
                        "last_finite_loss": last_finite_loss}
             raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1} of {n}", partial)
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == n:
-            seen = losses[: i + 1]
+            seen = _mean_over_ranks(losses[: i + 1])  # every rank decides on the same numbers
             finite = torch.isfinite(seen).cpu()  # host sync: progress and the divergence check
+            if scaled:
+                distributed.check_same(precision.loss_scale(), "the loss scale")
             if not scaled and not finite.all():
                 first = int((~finite).nonzero()[0])
                 if first > 0:
@@ -179,6 +207,7 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
                 last_finite_loss = float(seen[finite.nonzero()[-1]])
             bar.set_postfix(loss=f"{last_finite_loss:.3f}",
                             img_s=f"{(i + 1 - begin) * loader.batch_size / (time.perf_counter() - start):.0f}")
+    losses, correct = _mean_over_ranks(losses), distributed.sum_(correct)
     finite = torch.isfinite(losses)
     mean_loss = float(losses[finite].mean()) if bool(finite.any()) else math.nan
     images = n * loader.batch_size
@@ -214,7 +243,13 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     with the state to save (``checkpoint``: everything :func:`train` needs to go on, for ``resume``)
     and whether the validation accuracy improved. ``stop`` (a ``threading.Event``) ends the run as
     ``interrupted`` after the current step."""
-    device = dev.resolve_device(cfg.device)
+    device = distributed.init(dev.resolve_device(cfg.device))  # this rank's, under torchrun
+    world = distributed.world_size()
+    if cfg.batch_size % (world * cfg.accumulate):
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split into {world} processes x --accumulate "
+                         f"{cfg.accumulate} equal micro-batches; use a multiple of {world * cfg.accumulate}")
+    if not distributed.is_main():
+        log = _quiet
     tf32 = dev.configure(device, cfg.deterministic, cfg.tf32)
     seed_everything(cfg.seed)
     # the one place that decides the memory format: the model's weights here, the batches in the loaders
@@ -226,12 +261,15 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     macs = count_macs(model, image_size=splits.train[0].shape[-1])  # on a meta copy of the FP32 model
     precision = setup_precision(cfg, model, device)
     train_loader = CifarLoader(*splits.train, cfg.batch_size, train=True, device=device, seed=cfg.seed,
-                               memory_format=memory_format)
-    val_loader = CifarLoader(*splits.val, EVAL_BATCH_SIZE, train=False, device=device, memory_format=memory_format)
-    test_loader = CifarLoader(*splits.test, EVAL_BATCH_SIZE, train=False, device=device, memory_format=memory_format)
+                               memory_format=memory_format, rank=distributed.rank(), world_size=world)
+    # evaluation: each rank its contiguous shard of the split, gathered in evaluate()
+    val_loader, test_loader = (
+        CifarLoader(images[distributed.shard(len(labels))], labels[distributed.shard(len(labels))], EVAL_BATCH_SIZE,
+                    train=False, device=device, memory_format=memory_format)
+        for images, labels in (splits.val, splits.test))
     scheduler = make_scheduler(cfg, precision.optimizer, len(train_loader))
     result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params, macs,
-                       notes=precision.notes, tf32=tf32)
+                       notes=precision.notes, tf32=tf32, world_size=world)
     scaled = precision.loss_scale() is not None
     start_epoch, best_val_acc, last_finite_loss = 0, -1.0, math.nan
     if resume is not None:
@@ -272,7 +310,9 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     log(f"{cfg.model} ({params / 1e6:.2f}M params, {macs / 1e9:.3f} GMAC per image"
         + (", ImageNet weights" if cfg.pretrained else "") + (", channels_last" if cfg.channels_last else "")
         + f"), mode {cfg.mode}: {precision.description}; "
-        f"device {device} ({dev.device_name(device)}); {len(splits.train[1])} train / "
+        f"device {device} ({dev.device_name(device)})"
+        + (f" x {world} processes ({cfg.batch_size // world} images each per step)" if world > 1 else "")
+        + f"; {len(splits.train[1])} train / "
         f"{len(splits.val[1])} val / {len(splits.test[1])} test images"
         + (f"; resuming after epoch {start_epoch}" if resume is not None else ""))
     if on_epoch and resume is None:
@@ -281,7 +321,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     dev.reset_peak_memory(device)
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            if stop is not None and stop.is_set():
+            if stop is not None and distributed.any_rank(stop.is_set()):
                 raise Interrupted(f"interrupted before epoch {epoch + 1}; --resume continues there")
             partial = resume.get("partial_epoch") if resume is not None and epoch == start_epoch else None
             with dev.Timer(device) as t:
@@ -296,7 +336,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             result.warmup_time_s += stats.warmup_seconds
             result.warmup_images += stats.warmup_images
             result.skipped_steps += stats.skipped_steps
-            val_loss, val_acc, _ = evaluate(precision, model, val_loader)
+            val_loss, val_acc, _ = evaluate(precision, model, val_loader, splits.val[1])
             lr = stats.steps[0]["lr"]  # at the epoch's first step, also when it was resumed part-way
             row = dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy, val_loss=val_loss,
                        val_acc=val_acc, lr=lr, epoch_time_s=seconds, loss_scale=precision.loss_scale(),
@@ -310,7 +350,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             best_val_acc = max(best_val_acc, val_acc)
             if on_epoch:
                 on_epoch(result, checkpoint(epoch + 1), improved)
-        if stop is not None and stop.is_set():
+        if stop is not None and distributed.any_rank(stop.is_set()):
             raise Interrupted("interrupted before the test evaluation; --resume runs it")
     except (Diverged, LossScaleCollapse) as e:
         result.status, result.error = "failed", str(e)
@@ -321,7 +361,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     result.peak_memory_bytes = dev.peak_memory_bytes(device)
     result.final_loss_scale = precision.loss_scale()
     if result.status == "completed":
-        test_loss, test_acc, preds = evaluate(precision, model, test_loader)
+        test_loss, test_acc, preds = evaluate(precision, model, test_loader, splits.test[1])
         labels = splits.test[1].numpy()
         cm = confusion_matrix(labels, preds.numpy(), labels=list(range(len(splits.classes))))
         per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)

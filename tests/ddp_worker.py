@@ -1,0 +1,51 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: one process per rank.
+
+``python tests/ddp_worker.py DATA OUT`` trains resnet20 on DATA for a few steps in every mode, each
+rank saving its final weights and step log to OUT/<case>-rank<R>.pt, then runs ``mixprec.run`` itself.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from mixprec import distributed
+from mixprec.config import RunConfig
+from mixprec.data import load_cifar10, make_splits
+from mixprec.run import main as run
+from mixprec.train import train
+
+CASES = {
+    "baseline": {"mode": "baseline"},
+    "amp": {"mode": "amp"},
+    "manual": {"mode": "manual"},
+    "manual-accumulate": {"mode": "manual", "accumulate": 2},
+    "manual-overflow-on-rank-1": {"mode": "manual", "inject_overflow": (2,), "inject_overflow_rank": 1},
+}
+OPTIONS = {"model": "resnet20", "epochs": 1, "batch_size": 16, "subset": 96, "test_subset": 30, "device": "cpu"}
+
+
+def main(data: str, out: str) -> None:
+    out = Path(out)
+    distributed.init(torch.device("cpu"))
+    rank = distributed.rank()
+
+    flag = torch.tensor([float(rank == 1)])  # an overflow on rank 1 only
+    distributed.any_overflow_(flag)
+    torch.save(flag, out / f"found-inf-rank{rank}.pt")
+
+    splits = make_splits(load_cifar10(data), OPTIONS["subset"], OPTIONS["test_subset"])
+    for case, options in CASES.items():
+        states = []
+        result = train(RunConfig(**OPTIONS, **options, data=data), splits, log=lambda msg: None,
+                       on_epoch=lambda result, state, improved, states=states: states.append(state))
+        torch.save({"model": states[-1]["model"], "master": states[-1]["master"], "steps": result.steps,
+                    "test": result.test, "world_size": result.world_size}, out / f"{case}-rank{rank}.pt")
+
+    code = run(["--mode", "manual", "--model", "resnet20", "--epochs", "1", "--batch-size", "16", "--subset", "96",
+                "--test-subset", "30", "--device", "cpu", "--data", data, "--out", str(out / "cli")])
+    torch.save(code, out / f"cli-exit-rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
