@@ -158,10 +158,12 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
 def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: StopRequest) -> int:
     import pandas as pd
 
+    from . import distributed
     from .data import load_cifar10, make_splits
     from .results import create_run_dir, environment, write_csv, write_torch
-    from .train import train
+    from .train import check_world, train
 
+    check_world(cfg, distributed.world_size())  # before any download or decoding
     if cfg.pretrained and resume_dir is None:
         from .models import build_model
 

@@ -45,7 +45,7 @@ def micro_batches(model, images, labels, accumulate):
     """``(x, y)`` for each of ``accumulate`` micro-batches; under DDP all but the last run in ``no_sync``,
     so that the gradients are all-reduced once, after they have all been added up."""
     chunks = list(zip(images.chunk(accumulate), labels.chunk(accumulate)))
-    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's (also through torch.compile)
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's; a plain module has none
     for i, chunk in enumerate(chunks):
         with no_sync() if no_sync is not None and i < len(chunks) - 1 else nullcontext():
             yield chunk  # the caller's forward and backward run inside the context

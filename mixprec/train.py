@@ -74,6 +74,16 @@ class RunResult:
     test: dict | None = None  # accuracy, loss, per_class_accuracy, confusion_matrix
 
 
+def check_world(cfg: RunConfig, world: int) -> None:
+    """The options that depend on how many processes train together (torchrun's world size)."""
+    if cfg.batch_size % (world * cfg.accumulate):
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split into {world} processes x --accumulate "
+                         f"{cfg.accumulate} equal micro-batches; use a multiple of {world * cfg.accumulate}")
+    if cfg.inject_overflow_rank is not None and cfg.inject_overflow_rank >= world:
+        raise UsageError(f"--inject-overflow-rank {cfg.inject_overflow_rank}: there are only {world} process(es), "
+                         f"ranks 0 to {world - 1}; start more with torchrun")
+
+
 def _quiet(msg: str) -> None:
     """The log of ranks other than 0: rank 0 speaks for all."""
 
@@ -245,9 +255,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     ``interrupted`` after the current step."""
     device = distributed.init(dev.resolve_device(cfg.device))  # this rank's, under torchrun
     world = distributed.world_size()
-    if cfg.batch_size % (world * cfg.accumulate):
-        raise UsageError(f"--batch-size {cfg.batch_size} does not split into {world} processes x --accumulate "
-                         f"{cfg.accumulate} equal micro-batches; use a multiple of {world * cfg.accumulate}")
+    check_world(cfg, world)
     if not distributed.is_main():
         log = _quiet
     tf32 = dev.configure(device, cfg.deterministic, cfg.tf32)

@@ -164,6 +164,10 @@ BAD = {
     "cuda without cuda": (["--mode", "amp", "--device", "cuda"], "--device cuda was asked for"),
     "pretrained resnet20": (["--mode", "amp", "--model", "resnet20", "--pretrained"],
                             "--pretrained: there are no ImageNet weights for resnet20"),
+    "overflow on a missing rank": (["--mode", "manual", "--inject-overflow", "2", "--inject-overflow-rank", "1"],
+                                   "--inject-overflow-rank 1: there are only 1 process(es), ranks 0 to 0"),
+    "accumulate that does not split the batch": (["--mode", "manual", "--batch-size", "10", "--accumulate", "4"],
+                                                 "does not split into --accumulate 4"),
 }
 
 
