@@ -112,6 +112,8 @@ def check_same(value: float, what: str) -> None:
 
 def shard(n: int) -> slice:
     """This rank's contiguous share of ``n`` items: the first ranks get ``ceil(n / N)``, the last may get fewer."""
+    if world_size() == 1:
+        return slice(0, n)
     per = -(-n // world_size())
     return slice(min(rank() * per, n), min((rank() + 1) * per, n))
 
