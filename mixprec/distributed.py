@@ -54,9 +54,8 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's rank: torchrun's ``RANK`` even before :func:`init` (so that only rank 0 reports a
-    bad option), 0 for a single process."""
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    """This process's rank in the group :func:`init` joined; 0 for a single process."""
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def is_main() -> bool:
@@ -112,8 +111,6 @@ def check_same(value: float, what: str) -> None:
 
 def shard(n: int) -> slice:
     """This rank's contiguous share of ``n`` items: the first ranks get ``ceil(n / N)``, the last may get fewer."""
-    if world_size() == 1:
-        return slice(0, n)
     per = -(-n // world_size())
     return slice(min(rank() * per, n), min((rank() + 1) * per, n))
 

@@ -155,10 +155,11 @@ class Precision:
         return self.scaler.pop_stats() if isinstance(self.scaler, DynamicLossScaler) else None
 
 
-def _injected_steps(cfg: RunConfig) -> tuple[int, ...]:
-    """``--inject-overflow``'s steps, on every rank or on ``--inject-overflow-rank`` only."""
+def _with_injection(scaler, cfg: RunConfig):
+    """``scaler``, wrapped to overflow at ``--inject-overflow``'s steps on every rank, or on
+    ``--inject-overflow-rank`` only; ``scaler`` itself when nothing is injected here."""
     here = cfg.inject_overflow_rank is None or cfg.inject_overflow_rank == distributed.rank()
-    return cfg.inject_overflow if here else ()
+    return OverflowInjector(scaler, cfg.inject_overflow) if cfg.inject_overflow and here else scaler
 
 
 def _sgd(params, cfg: RunConfig) -> torch.optim.SGD:
@@ -230,7 +231,7 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
         autocast = torch.autocast(device.type, dtype=dtype)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # BF16 needs no scaling
         opt = _sgd(model.parameters(), cfg)
-        injected = OverflowInjector(scaler, _injected_steps(cfg)) if _injected_steps(cfg) else scaler
+        injected = _with_injection(scaler, cfg)
 
         amp_dtype = str(dtype).removeprefix("torch.")
         scaling = f"GradScaler from {scaler.get_scale():g}" if scaler.is_enabled() else "no loss scaler"
@@ -251,7 +252,7 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
         half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
         opt = _sgd(master.params, cfg)
         scaler = make_loss_scaler(cfg)
-        injected = OverflowInjector(scaler, _injected_steps(cfg)) if _injected_steps(cfg) else scaler
+        injected = _with_injection(scaler, cfg)
         half_compute = half_compute_context(how)
         notes = []
         if dtype == torch.bfloat16 and cfg.loss_scale != "none":

@@ -119,9 +119,9 @@ def evaluate(precision: Precision, model: torch.nn.Module, loader: CifarLoader, 
         logits = precision.forward(images).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         preds.append(logits.argmax(1))
-    preds = distributed.gather_rows(torch.cat(preds), len(labels))
+    preds = distributed.gather_rows(torch.cat(preds), len(labels)).cpu()
     loss_sum = distributed.sum_(loss_sum)
-    return loss_sum.item() / len(labels), (preds.cpu() == labels).float().mean().item(), preds.cpu()
+    return loss_sum.item() / len(labels), (preds == labels).float().mean().item(), preds
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
