@@ -11,9 +11,11 @@ and the versions it depends on.
 Modes, in eval mode under ``torch.inference_mode``:
 
 * ``baseline``: the FP32 model.
-* ``amp``: the FP32 model under ``torch.autocast`` (``--amp-dtype`` auto: float16 on CUDA, bfloat16 on CPU).
-* ``manual``: the model cast to FP16 with FP32 BatchNorm, FP16 input, as manual mode trains it; on a CPU
-  its convolutions use the emulated tensor-core arithmetic (``--half-compute`` auto).
+* ``amp``: the FP32 model under ``torch.autocast`` (``--amp-dtype`` auto: float16 on every device).
+* ``manual``: the model cast to FP16 with FP32 BatchNorm, FP16 input, as manual mode trains it.
+
+On a CPU, both half modes run their convolutions, linears and matmuls as the emulated tensor-core
+arithmetic (``--half-compute`` auto), as training does.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on a CPU it is the process's peak resident
 set (weights, activations, and the Python process itself), reset before each row on Linux.
@@ -44,6 +46,7 @@ def prepare(model, mode: str, device, amp_dtype: str = "auto", half_compute: str
 
     from .master import half_with_fp32_norm_
     from .steps import (
+        amp_context,
         eval_forward,
         half_compute_context,
         resolve_amp_dtype,
@@ -53,12 +56,12 @@ def prepare(model, mode: str, device, amp_dtype: str = "auto", half_compute: str
     model.eval()
     if mode == "baseline":
         return model, {"dtype": "float32", "half_compute": None}
+    how = resolve_half_compute(half_compute, device)
     if mode == "amp":
         dtype = resolve_amp_dtype(amp_dtype, device)
-        forward = eval_forward(model, torch.autocast(device.type, dtype=dtype))
-        return forward, {"dtype": f"autocast {str(dtype).removeprefix('torch.')}", "half_compute": None}
+        forward = eval_forward(model, amp_context(device, dtype, how))
+        return forward, {"dtype": f"autocast {str(dtype).removeprefix('torch.')}", "half_compute": how}
     if mode == "manual":
-        how = resolve_half_compute(half_compute, device)
         half_with_fp32_norm_(model, torch.float16)
         return eval_forward(model, half_compute_context(how), torch.float16), {"dtype": "float16", "half_compute": how}
     raise ValueError(f"unknown mode {mode!r}")
@@ -114,7 +117,7 @@ def bench(model_name: str, mode: str, device, image_size: int = 750, batch_size:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AMP_DTYPES, DEVICES, HALF_COMPUTES, _OneLineParser
+    from .config import _OneLineParser, add_precision_options
     from .models import MODELS
 
     p = _OneLineParser(prog="python -m mixprec.bench_infer",
@@ -129,12 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--repeats", type=int, default=100, help="timed forward passes (at least 2, for a std)")
     p.add_argument("--warmup", type=int, default=10, help="untimed forward passes before them")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
-    p.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
-                   help="autocast dtype in amp mode. auto: float16 on CUDA, bfloat16 on CPU")
-    p.add_argument("--half-compute", choices=HALF_COMPUTES, default="auto",
-                   help="manual mode's FP16 convolutions: native kernels, or emulated tensor-core arithmetic "
-                   "with FP32 kernels. auto: native on CUDA, emulated on CPU")
+    add_precision_options(p)
     p.add_argument("--channels-last", action="store_true", help="weights and input in channels_last memory format")
     p.add_argument("--out", default="results/bench_infer.csv", help="CSV file the rows are appended to (python -m mixprec.report RESULTS_DIR "
                    "shows RESULTS_DIR/bench_infer.csv as a table)")

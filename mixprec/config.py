@@ -128,6 +128,22 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_precision_options(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--amp-dtype`` and ``--half-compute``: defined here once, for ``mixprec.run`` and
+    ``mixprec.bench_infer`` alike."""
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
+                   help="autocast dtype in amp mode. auto: float16 on every device, with torch.amp.GradScaler "
+                   "(PyTorch's FP16 recipe, the reference for manual mode). bfloat16: autocast without a loss "
+                   "scaler, a variant that is faster than FP32 only on CPUs with bf16 units (AVX-512-BF16, AMX) "
+                   "and --half-compute native.")
+    p.add_argument("--half-compute", choices=HALF_COMPUTES, default="auto",
+                   help="how the half-precision convolutions, linears and matmuls of amp and manual mode run. "
+                   "native: PyTorch's own half kernels (on a CPU, FP16 ones are 25-200x slower than FP32). "
+                   "emulated: half operands, FP32 accumulation, half results and saved tensors, as tensor cores "
+                   "do, computed with FP32 kernels. auto: native on CUDA, emulated on CPU.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
 
@@ -160,14 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "40... epochs (EfficientNet thesis)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for initial weights, batch order and augmentation")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
-    p.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
-                   help="autocast dtype in amp mode. auto: float16 on CUDA, bfloat16 on CPU (CPU float16 "
-                   "kernels are ~20x slower). bfloat16 uses no loss scaler.")
-    p.add_argument("--half-compute", choices=HALF_COMPUTES, default="auto",
-                   help="FP16 convolutions/linears in manual mode. native: PyTorch's FP16 kernels. "
-                   "emulated: FP16 operands, FP32 accumulation, FP16 results and saved tensors, as "
-                   "tensor cores do, computed with FP32 kernels. auto: native on CUDA, emulated on CPU.")
+    add_precision_options(p)
     p.add_argument("--data", default=None,
                    help="CIFAR-10: a directory holding cifar-10-batches-py/, or an image-folder tree "
                    "train/<class>/*, test/<class>/* (or a .tar/.tar.gz of one). Default: $MIXPREC_DATA, "

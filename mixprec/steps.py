@@ -24,7 +24,7 @@ from torch import nn
 
 from . import distributed
 from .config import RunConfig, UsageError
-from .halfops import emulated_half_compute
+from .halfops import EmulatedAutocast, emulated_half_compute
 from .master import MasterWeights, half_with_fp32_norm_
 from .scaler import DynamicLossScaler
 
@@ -71,7 +71,7 @@ def amp_step(model, optimizer, images, labels, *, autocast, scaler: torch.amp.Gr
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
     for x, y in micro_batches(model, images, labels, accumulate):
-        with autocast:  # convolutions and linears in FP16/BF16, reductions such as cross_entropy in FP32
+        with autocast:  # convolutions and linears in FP16 (or BF16), reductions such as cross_entropy in FP32
             out = model(x)
             micro_loss = F.cross_entropy(out, y) / accumulate
         scaler.scale(micro_loss).backward()
@@ -167,14 +167,13 @@ def _sgd(params, cfg: RunConfig) -> torch.optim.SGD:
 
 
 def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float16 on CUDA (the seed thesis's setting) and bfloat16 on CPU."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    return getattr(torch, name)
+    """``auto`` is float16 on every device: autocast plus GradScaler, PyTorch's FP16 recipe and the reference
+    manual mode is compared with (on a CPU with emulated tensor-core arithmetic, see :func:`amp_context`)."""
+    return torch.float16 if name == "auto" else getattr(torch, name)
 
 
 def resolve_half_compute(name: str, device: torch.device) -> str:
-    """``auto`` is native on CUDA (tensor cores) and emulated elsewhere (no half-precision units)."""
+    """``auto`` is native on CUDA (tensor cores) and emulated elsewhere (no fast half-precision units)."""
     if name == "auto":
         return "native" if device.type == "cuda" else "emulated"
     return name
@@ -183,6 +182,20 @@ def resolve_half_compute(name: str, device: torch.device) -> str:
 def half_compute_context(how: str) -> AbstractContextManager:
     """The context manual mode's forward and backward run in: ``emulated`` tensor-core arithmetic or ``native``."""
     return emulated_half_compute() if how == "emulated" else nullcontext()
+
+
+def amp_context(device: torch.device, dtype: torch.dtype, how: str) -> AbstractContextManager:
+    """amp mode's forward context: ``torch.autocast``, with its convolutions, linears and matmuls computed as
+    emulated tensor-core arithmetic (the same layer as manual mode's) when ``how`` is ``emulated``."""
+    if how == "emulated":
+        return EmulatedAutocast(device.type, dtype)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _warn_if_slow(how: str, dtype: torch.dtype, device: torch.device) -> None:
+    if how == "native" and device.type == "cpu" and dtype == torch.float16:
+        warnings.warn("--half-compute native on a CPU runs PyTorch's naive FP16 kernels (measured here: 25-200x "
+                      "slower than FP32 for resnet20); use --half-compute emulated (the CPU default)", stacklevel=3)
 
 
 def eval_forward(net: nn.Module, context: AbstractContextManager,
@@ -221,33 +234,30 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
 
     if cfg.mode == "amp":
         dtype = resolve_amp_dtype(cfg.amp_dtype, device)
-        if dtype == torch.float16 and device.type == "cpu":
-            warnings.warn("--amp-dtype float16 on a CPU runs PyTorch's slow FP16 kernels (measured on an AVX-512 "
-                          "Xeon: 82 min per resnet20 epoch against 4 min with bfloat16); use --amp-dtype bfloat16 "
-                          "unless the slowness is what you want to see", stacklevel=2)
+        how = resolve_half_compute(cfg.half_compute, device)
+        _warn_if_slow(how, dtype, device)
         if cfg.inject_overflow and dtype != torch.float16:
             raise UsageError("--inject-overflow in amp mode needs a GradScaler, which only float16 uses: "
-                             "add --amp-dtype float16, or use --mode manual")
-        autocast = torch.autocast(device.type, dtype=dtype)
+                             "drop --amp-dtype bfloat16, or use --mode manual")
+        autocast = amp_context(device, dtype, how)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # BF16 needs no scaling
         opt = _sgd(model.parameters(), cfg)
         injected = _with_injection(scaler, cfg)
 
         amp_dtype = str(dtype).removeprefix("torch.")
+        arithmetic = {"emulated": ", emulated tensor-core arithmetic", "native": ""}[how]
         scaling = f"GradScaler from {scaler.get_scale():g}" if scaler.is_enabled() else "no loss scaler"
         return Precision(partial(amp_step, distributed.wrap(net, device), opt, autocast=autocast, scaler=injected,
                                  **step_options),
                          eval_forward(net, autocast), opt,
                          lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=amp_dtype,
-                         scaler=scaler, description=f"torch.autocast({amp_dtype}), {scaling}")
+                         half_compute=how, scaler=scaler,
+                         description=f"torch.autocast({amp_dtype}){arithmetic}, {scaling}")
 
     if cfg.mode == "manual":
         how = resolve_half_compute(cfg.half_compute, device)
-        if how == "native" and device.type == "cpu":
-            warnings.warn("--half-compute native on a CPU runs PyTorch's naive half-precision convolutions "
-                          "(measured here: ~15x slower than FP32 for resnet20); use --half-compute emulated",
-                          stacklevel=2)
         dtype = getattr(torch, cfg.manual_dtype)
+        _warn_if_slow(how, dtype, device)
         master = MasterWeights(model, enabled=cfg.master_weights)  # from the FP32 weights, before rounding
         half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
         opt = _sgd(master.params, cfg)

@@ -49,6 +49,8 @@ def _check_run_dir(run: Path, mode: str, classes: int = 10, epochs: int = 1) -> 
     assert steps["step"].tolist() == list(range(1, len(steps) + 1))
     if mode == "manual":  # telemetry measured at step 1 (and every --telemetry-every after)
         assert steps["grad_max_abs"][0] > 0 and 0 <= steps["grad_underflow_frac"][0] <= 1
+    if mode != "baseline":  # amp's GradScaler and manual's scaler, in the same columns
+        assert steps["loss_scale"].notna().all() and (epoch_rows["loss_scale"] > 0).all()
     config = json.loads((run / "config.json").read_text())
     assert set(config) == set(RunConfig.__dataclass_fields__)
     env = json.loads((run / "env.json").read_text())
@@ -63,13 +65,11 @@ def test_one_epoch_smoke_run_on_cifar10(mode, real_data, tmp_path):
     assert code == 0
     s = _check_run_dir(_only_run(tmp_path), mode)
     assert s["train_images"] == 256 and s["test_images"] == 256 and s["test_subset"] == 256
-    assert s["amp_dtype"] == ("bfloat16" if mode == "amp" else None)
+    assert s["amp_dtype"] == ("float16" if mode == "amp" else None)  # float16 on a CPU too, unless asked
     assert s["tf32"] is False  # a CPU has no TF32
-    assert s["half_compute"] == ("emulated" if mode == "manual" else None)
-    if mode == "manual":
+    assert s["half_compute"] == (None if mode == "baseline" else "emulated")
+    if mode != "baseline":  # GradScaler in amp, ours in manual: the same start, no overflow in two steps
         assert s["final_loss_scale"] == 2.0**16
-    if mode == "amp":
-        assert s["final_loss_scale"] is None  # bfloat16 autocast runs without a scaler
 
 
 def test_modes_start_from_the_same_weights():
@@ -230,16 +230,17 @@ def test_bad_paths_are_one_line_and_nonzero_without_traceback(case, tiny_cifar, 
     assert len(lines) == 1 and expect in lines[0], proc.stderr
 
 
-def test_float16_autocast_on_cpu_warns_and_runs(tiny_cifar, tmp_path, capsys, monkeypatch):
+def test_native_float16_autocast_on_cpu_warns_and_runs(tiny_cifar, tmp_path, capsys, monkeypatch):
     from mixprec import models
     from tests.test_ablations import TinyNet
 
     monkeypatch.setitem(models.MODELS, "tiny", TinyNet)
-    code = main(["--mode", "amp", "--amp-dtype", "float16", "--model", "tiny", "--epochs", "1", "--batch-size", "32",
-                 "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
+    code = main(["--mode", "amp", "--half-compute", "native", "--model", "tiny", "--epochs", "1", "--batch-size",
+                 "32", "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
-    assert "warning: --amp-dtype float16 on a CPU runs PyTorch's slow FP16 kernels" in capsys.readouterr().err
-    assert json.loads((_only_run(tmp_path) / "summary.json").read_text())["amp_dtype"] == "float16"
+    assert "warning: --half-compute native on a CPU runs PyTorch's naive FP16 kernels" in capsys.readouterr().err
+    summary = json.loads((_only_run(tmp_path) / "summary.json").read_text())
+    assert (summary["amp_dtype"], summary["half_compute"]) == ("float16", "native")
 
 
 def test_concurrent_runs_share_a_results_directory_safely(tiny_cifar, tmp_path):
