@@ -699,23 +699,30 @@ def has_loss_scale(group: Group) -> bool:
 
 
 def loss_scale_figure(groups: list[Group]):
-    """The loss scale per optimizer step (log2 axis, a line per seed), skipped steps as red crosses;
-    None when no group has a loss scale."""
+    """The loss scale per optimizer step (log2 axis), one panel per model, environment and seed with the
+    scaled variants overlaid (GradScaler in amp, ours in manual), skipped steps as red crosses; None when no
+    group has a loss scale."""
     from matplotlib.ticker import MaxNLocator
 
     scaled = [g for g in groups if has_loss_scale(g)]
     if not scaled:
         return None
-    ncols = min(2, len(scaled))
-    nrows = math.ceil(len(scaled) / ncols)
+    panels: dict[tuple, list[tuple[int, Group, Run]]] = {}
+    for i, g in enumerate(scaled):
+        for run in g.runs:
+            if run.steps is not None:
+                panels.setdefault((g.model, g.environment, run.seed), []).append((i, g, run))
+    environments = {g.environment for g in scaled}
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     fig = _figure(6.4 * ncols, 3.4 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, g in zip(axes, scaled):
+    for ax, ((model, environment, seed), lines) in zip(axes, sorted(panels.items())):
         marked = False
-        for i, run in enumerate(r for r in g.runs if r.steps is not None):
+        for i, g, run in lines:
             steps = run.steps.dropna(subset=["loss_scale"])
             ax.plot(steps["step"], steps["loss_scale"], color=f"C{i % 10}", lw=1.2, drawstyle="steps-post",
-                    label=f"seed {run.seed}")
+                    label=g.label + (f" ({_scaler_name(g)})" if _scaler_name(g) else ""))
             skipped = steps[_skipped(steps)]
             if len(skipped):
                 ax.plot(skipped["step"], skipped["loss_scale"], "x", color="red", ms=6, mew=1.5,
@@ -723,14 +730,18 @@ def loss_scale_figure(groups: list[Group]):
                 marked = True
         ax.set_yscale("log", base=2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.set_title(f"{g.title} (n={g.n})", fontsize=10)
+        ax.set_title(f"{model}, seed {seed}" + (f" ({environment})" if len(environments) > 1 else ""), fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss scale")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    for ax in axes[len(scaled):]:
+    for ax in axes[len(panels):]:
         ax.set_axis_off()
     return fig
+
+
+def _scaler_name(group: Group) -> str:
+    return {"amp": "torch.amp.GradScaler", "manual": "DynamicLossScaler"}.get(group.mode, "")
 
 
 def memory_means(group: Group) -> dict[str, float]:
@@ -778,8 +789,8 @@ CAPTIONS = {
                               "class (each row sums to 1).",
     "curves.png": "Training (solid) and validation (dashed) loss and accuracy per epoch, mean over seeds with the "
                   "min..max range of the seeds shaded.",
-    "loss_scale.png": "The loss scale at every optimizer step (log2 axis, one line per seed); red crosses mark "
-                      "the steps skipped on overflow.",
+    "loss_scale.png": "The loss scale at every optimizer step (log2 axis), one panel per seed: PyTorch's GradScaler "
+                      "(amp) and ours (manual) overlaid; red crosses mark the steps skipped on overflow.",
     "memory.png": "Mean memory by role, measured on the first training step (left), and the mean peak memory "
                   "(right; on a CPU the process's peak resident memory).",
 }

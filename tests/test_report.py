@@ -271,24 +271,34 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(ERROR)
 
 
-def test_loss_scale_figure_marks_skipped_steps_and_is_absent_without_a_scaler(tmp_path):
+def test_loss_scale_figure_overlays_the_scalers_per_seed_marks_skips_and_is_absent_without_a_scaler(tmp_path):
     scaled, unscaled = tmp_path / "fp16", tmp_path / "bf16"
     make_run(scaled, "base")
     make_run(scaled, "amp", mode="amp", amp_dtype="float16", loss_scales=[65536.0, 65536.0, 32768.0, 32768.0],
              skipped=(3,))
+    make_run(scaled, "manual", mode="manual", loss_scales=[65536.0] * 4)
+    make_run(scaled, "manual1", mode="manual", seed=1, loss_scales=[65536.0, 32768.0, 32768.0, 32768.0],
+             skipped=(2,))
     make_run(unscaled, "base")
     make_run(unscaled, "amp", mode="amp", amp_dtype="bfloat16")
 
     groups = group_runs(load_results(scaled)[0])
-    assert [g.label for g in groups] == ["baseline", "amp (float16)"]
+    assert [g.label for g in groups] == ["baseline", "amp (float16)", "manual"]
     fig = loss_scale_figure(groups)
-    (ax,) = [ax for ax in fig.axes if ax.get_visible() and ax.lines]
-    assert ax.get_yscale() == "log" and ax.get_title() == "resnet20 / amp (float16) (n=1)"
-    crosses = [line for line in ax.lines if line.get_marker() == "x"]
+    seed0, seed1 = [ax for ax in fig.axes if ax.get_visible() and ax.lines]
+    assert seed0.get_yscale() == "log" and seed0.get_title() == "resnet20, seed 0"
+    scalers = [line for line in seed0.lines if line.get_marker() != "x"]
+    assert [line.get_label() for line in scalers] == ["amp (float16) (torch.amp.GradScaler)",
+                                                      "manual (DynamicLossScaler)"]
+    assert scalers[0].get_ydata().tolist() == [65536.0, 65536.0, 32768.0, 32768.0]
+    crosses = [line for line in seed0.lines if line.get_marker() == "x"]
     assert len(crosses) == 1 and crosses[0].get_xdata().tolist() == [3]
     assert crosses[0].get_ydata().tolist() == [32768.0]
+    assert seed1.get_title() == "resnet20, seed 1" and [line.get_xdata().tolist() for line in seed1.lines
+                                                        if line.get_marker() == "x"] == [[2]]
     rows = md_rows(comparison_markdown(comparison_table(groups), groups))
     assert rows[1]["final loss scale"] == "32768" and rows[1]["skipped steps"] == "1"
+    assert rows[2]["skipped steps"] == "0.5" and rows[2]["final loss scale"] == "32768, 65536"
     assert loss_scale_figure(group_runs(load_results(unscaled)[0])) is None  # bfloat16 amp has no scaler
 
 
