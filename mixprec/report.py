@@ -16,8 +16,8 @@ Writes to ``--out`` (default ``RESULTS_DIR/report``), every file atomically:
 - ``per_class_accuracy.md``/``.csv``: per-class test accuracy per group (the CSV in fractions);
 - ``inference.md``: the inference benchmark's rows, when ``RESULTS_DIR/bench_infer.csv`` exists
   (``python -m mixprec.bench_infer`` writes it there with ``--out``; its default is ``results/``);
-- ``confusion_matrices.png``, ``curves.png``, ``loss_scale.png`` (when a group has a loss scale) and
-  ``memory.png``;
+- ``confusion_matrices.png``, ``curves.png``, ``time_to_accuracy.png``, ``loss_scale.png`` (when a group has
+  a loss scale) and ``memory.png``;
 - ``report.md``: one page with the environments, the counted and uncounted runs, the tables and the figures.
 
 Example::
@@ -362,16 +362,19 @@ def find_baseline(group: Group, groups: list[Group]) -> Group | None:
 # statistics and tables
 
 
-def welch_p(a, b) -> float:
-    """Two-sided p-value of Welch's t-test (unequal variances); NaN unless both sides have n >= 2."""
+def welch(a, b) -> tuple[float, float, float]:
+    """Welch's t-test (unequal variances) of mean(a) - mean(b): the two-sided p-value and the 95% confidence
+    interval of the difference (Welch-Satterthwaite degrees of freedom); NaNs unless both sides have n >= 2."""
     from scipy.stats import ttest_ind
 
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 2 or len(b) < 2:
-        return math.nan
+        return math.nan, math.nan, math.nan
     with warnings.catch_warnings():  # identical samples: scipy warns and returns NaN, which is the answer
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(ttest_ind(a, b, equal_var=False).pvalue)
+        test = ttest_ind(a, b, equal_var=False)
+        ci = test.confidence_interval(0.95)
+        return float(test.pvalue), float(ci.low), float(ci.high)
 
 
 def group_stats(group: Group) -> dict:
@@ -403,10 +406,13 @@ def comparison_table(groups: list[Group]) -> pd.DataFrame:
             row["memory_ratio_vs_baseline"] = stats["peak_memory_mib_mean"] / b["peak_memory_mib_mean"]
             if base is not g:
                 row["accuracy_diff_pp"] = 100 * (stats["test_accuracy_mean"] - b["test_accuracy_mean"])
-                row["welch_p"] = welch_p(g.values("test_accuracy"), base.values("test_accuracy"))
+                p, low, high = welch(g.values("test_accuracy"), base.values("test_accuracy"))
+                row["accuracy_diff_ci95_low_pp"], row["accuracy_diff_ci95_high_pp"] = 100 * low, 100 * high
+                row["welch_p"] = p
         rows.append(row)
     table = pd.DataFrame(rows)
-    for col in ("speedup_vs_baseline", "memory_ratio_vs_baseline", "accuracy_diff_pp", "welch_p"):
+    for col in ("speedup_vs_baseline", "memory_ratio_vs_baseline", "accuracy_diff_pp", "accuracy_diff_ci95_low_pp",
+                "accuracy_diff_ci95_high_pp", "welch_p"):
         if col not in table:
             table[col] = math.nan
     order = [c for c in table.columns if c not in ("skipped_steps_mean", "final_loss_scale_mean")]
@@ -443,6 +449,8 @@ def comparison_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
         "speedup vs baseline": [_num(v, ".2f") for v in table["speedup_vs_baseline"]],
         "memory vs baseline": [_num(v, ".2f") for v in table["memory_ratio_vs_baseline"]],
         "accuracy vs baseline (pp)": [_num(v, "+.2f") for v in table["accuracy_diff_pp"]],
+        "95% CI (pp)": ["" if _num(lo, ".2f") == "" else f"[{lo:+.2f}, {hi:+.2f}]"
+                        for lo, hi in zip(table["accuracy_diff_ci95_low_pp"], table["accuracy_diff_ci95_high_pp"])],
         "Welch p": [_num(v, ".3g") for v in table["welch_p"]],
         "skipped steps": [_num(v, "g") for v in table["skipped_steps_mean"]],
         "final loss scale": [_loss_scales(g) for g in groups],
@@ -454,7 +462,8 @@ def comparison_notes(groups: list[Group]) -> list[str]:
     """What the columns mean, and every place where one seed leaves a number without its uncertainty."""
     notes = [("Mean ± sample standard deviation over seeds (n). Speedup is the baseline's mean training time over "
               "this mode's; memory is this mode's mean peak over the baseline's; the accuracy difference is in "
-              "percentage points, and p is the two-sided Welch's t-test of the test accuracies over seeds. The "
+              "percentage points, with the 95% confidence interval of the difference and the two-sided p-value of "
+              "Welch's t-test of the test accuracies over seeds (Welch-Satterthwaite degrees of freedom). The "
               "baseline is the one with the same model, environment and training settings.")]
     for g in groups:
         base = find_baseline(g, groups)
@@ -688,6 +697,41 @@ def curves_figure(groups: list[Group]):
     return fig
 
 
+def time_to_accuracy_figure(groups: list[Group]):
+    """Validation accuracy against training wall-clock time (evaluation excluded), a panel per model: each
+    group's mean over seeds at the end of every epoch, with the seeds' min..max accuracy shaded. Time on a
+    CPU says nothing about a GPU (docs/gpu.md); each line is one environment's."""
+    from matplotlib.lines import Line2D
+
+    per_model, palette = _by_model(groups), _palette(groups)
+    ncols = min(2, len(per_model))
+    fig = _figure(6.4 * ncols, 3.8 * math.ceil(len(per_model) / ncols))
+    axes = fig.subplots(math.ceil(len(per_model) / ncols), ncols, squeeze=False).ravel()
+    for ax, (model, model_groups) in zip(axes, per_model.items()):
+        for g in model_groups:
+            curves = []
+            for r in g.runs:
+                e = r.epochs.sort_values("epoch")
+                curves.append(pd.DataFrame({"epoch": e["epoch"], "time": e["epoch_time_s"].cumsum(),
+                                            "acc": 100.0 * e["val_acc"]}))
+            stats = pd.concat(curves).groupby("epoch").agg(time=("time", "mean"), mean=("acc", "mean"),
+                                                           low=("acc", "min"), high=("acc", "max"))
+            ax.plot(stats["time"], stats["mean"], color=palette[g.short], lw=1.5,
+                    marker="o" if len(stats) <= 15 else None, ms=3)
+            if g.n > 1:
+                ax.fill_between(stats["time"], stats["low"], stats["high"], color=palette[g.short], alpha=0.15, lw=0)
+        ax.set_title(f"{model}: validation accuracy against training time")
+        ax.set_xlabel("training time (s, evaluation excluded)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(handles=[Line2D([], [], color=palette[g.short], label=f"{g.short} (n={g.n})") for g in model_groups],
+                  fontsize=8, loc="lower right")
+    for ax in axes[len(per_model):]:
+        ax.set_axis_off()
+    return fig
+
+
 def _skipped(steps: pd.DataFrame) -> pd.Series:
     return steps["skipped"].astype(str).str.lower().isin(("true", "1", "1.0"))
 
@@ -790,6 +834,9 @@ CAPTIONS = {
                               "class (each row sums to 1).",
     "curves.png": "Training (solid) and validation (dashed) loss and accuracy per epoch, mean over seeds with the "
                   "min..max range of the seeds shaded.",
+    "time_to_accuracy.png": "Validation accuracy against training wall-clock time (evaluation excluded) at the end "
+                            "of each epoch, mean over seeds with the min..max range of the seeds shaded. Times are "
+                            "those of the machine each group ran on; on a CPU they say nothing about a GPU.",
     "loss_scale.png": "The loss scale at every optimizer step (log2 axis), one panel per seed: PyTorch's GradScaler "
                       "(amp) and ours (manual) overlaid; red crosses mark the steps skipped on overflow.",
     "memory.png": "Mean memory by role, measured on the first training step (left), and the mean peak memory "
@@ -903,7 +950,8 @@ def write_figures(out: Path, groups: list[Group]) -> list[str]:
     """Write the PNGs (dpi 150); return the names written (loss_scale.png only when a group has a scale)."""
     written = []
     for name, make in (("confusion_matrices.png", confusion_figure), ("curves.png", curves_figure),
-                       ("loss_scale.png", loss_scale_figure), ("memory.png", memory_figure)):
+                       ("time_to_accuracy.png", time_to_accuracy_figure), ("loss_scale.png", loss_scale_figure),
+                       ("memory.png", memory_figure)):
         fig = make(groups)
         if fig is None:
             (out / name).unlink(missing_ok=True)  # an earlier report's figure would contradict this one

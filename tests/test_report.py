@@ -22,6 +22,7 @@ from mixprec.report import (
     load_results,
     loss_scale_figure,
     main,
+    time_to_accuracy_figure,
 )
 from mixprec.results import write_csv, write_json
 
@@ -86,7 +87,7 @@ def report(root: Path, capsys) -> tuple[Path, str, str]:
     return out, captured.out, captured.err
 
 
-def test_comparison_has_exact_means_stds_ratios_and_welch_p(tmp_path, capsys):
+def test_comparison_has_exact_means_stds_ratios_welch_p_and_its_interval(tmp_path, capsys):
     for seed, (acc, t, peak) in enumerate([(0.80, 10.0, 100.0), (0.82, 12.0, 110.0), (0.84, 14.0, 120.0)]):
         make_run(tmp_path, f"base{seed}", seed=seed, acc=acc, time_s=t, peak_mib=peak)
     for seed, (acc, t, peak) in enumerate([(0.85, 5.0, 50.0), (0.87, 7.0, 60.0)]):
@@ -114,6 +115,11 @@ def test_comparison_has_exact_means_stds_ratios_and_welch_p(tmp_path, capsys):
     # Welch by hand: t^2 = 0.04^2 / (0.0002/2 + 0.0004/3) = 48/7, Welch-Satterthwaite df = 49/17
     p = 2 * stats.t.sf(math.sqrt(48 / 7), 49 / 17)
     assert amp["welch_p"] == pytest.approx(p, rel=1e-9) and p == pytest.approx(0.0824407, rel=1e-6)
+    # its 95% interval: 4 pp -/+ t(0.975, df) x the standard error sqrt(0.0002/2 + 0.0004/3) = sqrt(7/30000)
+    half_width = 100 * stats.t.ppf(0.975, 49 / 17) * math.sqrt(7 / 30000)
+    assert (amp["accuracy_diff_ci95_low_pp"], amp["accuracy_diff_ci95_high_pp"]) == pytest.approx(
+        (4.0 - half_width, 4.0 + half_width), rel=1e-9)
+    assert math.isnan(base["accuracy_diff_ci95_low_pp"])
 
     md = (out / "comparison.md").read_text()
     rows = md_rows(md)
@@ -122,6 +128,7 @@ def test_comparison_has_exact_means_stds_ratios_and_welch_p(tmp_path, capsys):
     assert rows[0]["accuracy vs baseline (pp)"] == "" and rows[0]["Welch p"] == ""
     assert (rows[1]["speedup vs baseline"], rows[1]["memory vs baseline"]) == ("2.00", "0.50")
     assert (rows[1]["accuracy vs baseline (pp)"], rows[1]["Welch p"]) == ("+4.00", "0.0824")
+    assert rows[1]["95% CI (pp)"] == f"[{4.0 - half_width:+.2f}, {4.0 + half_width:+.2f}]" and rows[0]["95% CI (pp)"] == ""
     assert rows[0]["peak memory (MiB)"] == "110.0 ± 10.0" and rows[1]["skipped steps"] == "0"
     assert "n = 1" not in md and "peak resident memory" in md
     assert "environment" not in rows[0] and "lr" not in rows[0]  # one environment, no grid
@@ -302,6 +309,22 @@ def test_loss_scale_figure_overlays_the_scalers_per_seed_marks_skips_and_is_abse
     assert loss_scale_figure(group_runs(load_results(unscaled)[0])) is None  # bfloat16 amp has no scaler
 
 
+def test_time_to_accuracy_plots_the_seeds_mean_validation_accuracy_at_their_mean_cumulative_time(tmp_path):
+    make_run(tmp_path, "base0", seed=0, val_acc=0.60, time_s=10.0)
+    make_run(tmp_path, "base1", seed=1, val_acc=0.70, time_s=14.0)
+    make_run(tmp_path, "manual0", mode="manual", seed=0, val_acc=0.65, time_s=8.0)
+    groups = group_runs(load_results(tmp_path)[0])
+    (ax,) = [ax for ax in time_to_accuracy_figure(groups).axes if ax.get_visible() and ax.lines]
+    base, manual = ax.lines
+    # epochs take time_s / 2 each; validation accuracy 40% after epoch 1, val_acc after epoch 2
+    assert base.get_xdata().tolist() == pytest.approx([6.0, 12.0]) and base.get_ydata().tolist() == pytest.approx(
+        [40.0, 65.0])
+    assert manual.get_xdata().tolist() == pytest.approx([4.0, 8.0]) and manual.get_ydata().tolist() == pytest.approx(
+        [40.0, 65.0])
+    assert len(ax.collections) == 1  # the spread of the two baseline seeds; manual has one seed
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline (n=2)", "manual (n=1)"]
+
+
 def test_inference_benchmark_rows_become_a_table_and_a_broken_csv_is_skipped_with_a_warning(tmp_path, capsys):
     from mixprec.bench_infer import main as bench_infer
 
@@ -334,7 +357,7 @@ def test_report_of_a_real_tiny_study(tiny_cifar, tmp_path, capsys):
     summaries = {s["mode"]: s for s in (json.loads(p.read_text()) for p in tmp_path.glob("runs/*/summary.json"))}
     out, _, _ = report(tmp_path, capsys)
 
-    figures = ["confusion_matrices.png", "curves.png", "loss_scale.png", "memory.png"]
+    figures = ["confusion_matrices.png", "curves.png", "time_to_accuracy.png", "loss_scale.png", "memory.png"]
     for name in ["comparison.md", "comparison.csv", "per_class_accuracy.md", "per_class_accuracy.csv", "report.md",
                  *figures]:
         assert (out / name).exists(), name
