@@ -43,6 +43,9 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "step"
+    warmup_epochs: float = 0.0  # cosine only: linear warm-up before the cosine decay
+    label_smoothing: float = 0.0  # training loss only; evaluation is plain cross-entropy
+    nesterov: bool = False
     seed: int = 0
     device: str = "auto"
     amp_dtype: str = "auto"
@@ -94,6 +97,18 @@ class RunConfig:
             if (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
                     or (minimum == "positive" and value == 0)):
                 raise UsageError(f"--{option} must be a {minimum} number, got {value!r}")
+        if self.nesterov and self.momentum == 0:
+            raise UsageError("--nesterov needs momentum: give --momentum a positive value (e.g. 0.9)")
+        if (not isinstance(self.label_smoothing, (int, float)) or not math.isfinite(self.label_smoothing)
+                or not 0 <= self.label_smoothing < 1):
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if (not isinstance(self.warmup_epochs, (int, float)) or not math.isfinite(self.warmup_epochs)
+                or not 0 <= self.warmup_epochs < self.epochs):
+            raise UsageError(f"--warmup-epochs must be at least 0 and less than --epochs {self.epochs}, "
+                             f"got {self.warmup_epochs!r}")
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise UsageError(f"--warmup-epochs warms up the cosine schedule; add --schedule cosine "
+                             f"(not {self.schedule})")
         if self.clip_grad_norm is not None and (not math.isfinite(self.clip_grad_norm) or self.clip_grad_norm <= 0):
             raise UsageError(f"--clip-grad-norm must be a positive number, got {self.clip_grad_norm!r}")
         if self.loss_scale not in ("dynamic", "none"):
@@ -166,14 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the model's weights and the input batches in channels_last (NHWC) memory format, "
                    "which tensor cores prefer")
     p.add_argument("--epochs", type=int, default=50, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="training batch size; when you change it, scale --lr with it (linear scaling rule, Goyal "
+                   "et al. 2017: batch 256 with lr 0.2 trains like batch 128 with lr 0.1, in half the steps)")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (the peak one, after any warm-up)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum (needs --momentum > 0)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     p.add_argument("--schedule", choices=SCHEDULES, default="step",
                    help="step: lr halved every 20 epochs (seed thesis); cosine: cosine annealing to 0 "
                    "over the run; cosine-restarts: cosine annealing with warm restarts every 10, 20, "
                    "40... epochs (EfficientNet thesis)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, metavar="F",
+                   help="with --schedule cosine: raise the lr linearly from lr/10 to --lr over the first F epochs "
+                   "(fractions allowed, counted in optimizer steps), then anneal it to 0 over the rest of the run; "
+                   "large peak lrs need this")
+    p.add_argument("--label-smoothing", type=float, default=0.0, metavar="X",
+                   help="train against targets smoothed by X (F.cross_entropy's label_smoothing): 1-X on the "
+                   "label, X/10 spread over all classes; the training loss includes it, evaluation does not")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for initial weights, batch order and augmentation")
     add_precision_options(p)

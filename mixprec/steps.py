@@ -37,8 +37,9 @@ class StepOut(NamedTuple):
 
 # Each step takes one batch (this rank's share of it under DDP), splits it into `accumulate`
 # micro-batches whose gradients add up, and takes (at most) one optimizer step. `clip` clips the
-# gradient norm of the true gradients. Under DistributedDataParallel the backward pass of the last
-# micro-batch also averages the gradients over the ranks, in the model's own precision.
+# gradient norm of the true gradients; `label_smoothing` smooths the targets of the training loss.
+# Under DistributedDataParallel the backward pass of the last micro-batch also averages the
+# gradients over the ranks, in the model's own precision.
 
 
 def micro_batches(model, images, labels, accumulate):
@@ -51,12 +52,12 @@ def micro_batches(model, images, labels, accumulate):
             yield chunk  # the caller's forward and backward run inside the context
 
 
-def baseline_step(model, optimizer, images, labels, *, accumulate=1, clip=None) -> StepOut:
+def baseline_step(model, optimizer, images, labels, *, accumulate=1, clip=None, label_smoothing=0.0) -> StepOut:
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
     for x, y in micro_batches(model, images, labels, accumulate):
         out = model(x)
-        micro_loss = F.cross_entropy(out, y) / accumulate
+        micro_loss = F.cross_entropy(out, y, label_smoothing=label_smoothing) / accumulate
         micro_loss.backward()
         logits.append(out.detach())
         loss += micro_loss.detach()
@@ -67,13 +68,13 @@ def baseline_step(model, optimizer, images, labels, *, accumulate=1, clip=None) 
 
 
 def amp_step(model, optimizer, images, labels, *, autocast, scaler: torch.amp.GradScaler, accumulate=1,
-             clip=None) -> StepOut:
+             clip=None, label_smoothing=0.0) -> StepOut:
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
     for x, y in micro_batches(model, images, labels, accumulate):
         with autocast:  # convolutions and linears in FP16 (or BF16), reductions such as cross_entropy in FP32
             out = model(x)
-            micro_loss = F.cross_entropy(out, y) / accumulate
+            micro_loss = F.cross_entropy(out, y, label_smoothing=label_smoothing) / accumulate
         scaler.scale(micro_loss).backward()
         logits.append(out.detach())
         loss += micro_loss.detach().float()
@@ -88,13 +89,14 @@ def amp_step(model, optimizer, images, labels, *, autocast, scaler: torch.amp.Gr
 
 
 def manual_step(model, optimizer, images, labels, *, master: MasterWeights, scaler: DynamicLossScaler,
-                half_compute: AbstractContextManager, dtype: torch.dtype, accumulate=1, clip=None) -> StepOut:
+                half_compute: AbstractContextManager, dtype: torch.dtype, accumulate=1, clip=None,
+                label_smoothing=0.0) -> StepOut:
     model.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
     for x, y in micro_batches(model, images, labels, accumulate):
         with half_compute:  # native FP16 kernels, or tensor-core arithmetic emulated on a CPU
             out = model(x.to(dtype))
-        micro_loss = F.cross_entropy(out.float(), y) / accumulate  # softmax and its sum in FP32
+        micro_loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing) / accumulate  # softmax in FP32
         scaler.scale(micro_loss).backward()  # FP16 grads of loss * scale: small ones lifted out of underflow
         logits.append(out.detach().float())
         loss += micro_loss.detach()
@@ -163,7 +165,8 @@ def _with_injection(scaler, cfg: RunConfig):
 
 
 def _sgd(params, cfg: RunConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
 
 
 def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -225,7 +228,7 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
     ``model`` in place before the first (compiling) call. Under torchrun the steps train it wrapped in
     ``DistributedDataParallel`` (made after that conversion, so it all-reduces the half gradients);
     evaluation runs it unwrapped, each rank on its shard."""
-    step_options = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm)
+    step_options = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm, label_smoothing=cfg.label_smoothing)
     net = torch.compile(model) if cfg.compile else model  # evaluates; trains, in DDP when there are several ranks
     if cfg.mode == "baseline":
         opt = _sgd(model.parameters(), cfg)

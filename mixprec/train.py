@@ -33,6 +33,7 @@ from .steps import Precision, setup_precision
 SYNC_EVERY = 20  # steps between progress updates; each costs a host sync in baseline mode
 WARMUP_STEPS = 20  # the first epoch's first steps (allocator, autotuning, compilation): not in images_per_s
 EVAL_BATCH_SIZE = 500
+LR_WARMUP_START = 0.1  # --warmup-epochs ramps the lr from lr * this to lr
 
 
 class Diverged(Exception):
@@ -97,10 +98,17 @@ def seed_everything(seed: int) -> None:
 def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """Stepped after every optimizer step that was taken, never after a skipped one (as Megatron and
     fairseq do, and GradScaler users cannot), with lengths given in epochs. ``step``: halve every 20
-    epochs (Oreč 2021). ``cosine-restarts``: SGDR restarting after 10, then 20, 40... epochs."""
+    epochs (Oreč 2021). ``cosine``: anneal to 0 over the run, after ``--warmup-epochs`` of linear warm-up
+    from ``lr * LR_WARMUP_START`` if given. ``cosine-restarts``: SGDR restarting after 10, then 20, 40... epochs."""
     sched = torch.optim.lr_scheduler
     if cfg.schedule == "step":
         return sched.StepLR(optimizer, step_size=20 * steps_per_epoch, gamma=0.5)
+    if cfg.schedule == "cosine" and cfg.warmup_epochs:
+        total = cfg.epochs * steps_per_epoch
+        warmup = min(max(1, round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+        return sched.SequentialLR(optimizer, [
+            sched.LinearLR(optimizer, start_factor=LR_WARMUP_START, total_iters=warmup),
+            sched.CosineAnnealingLR(optimizer, T_max=total - warmup)], milestones=[warmup])
     if cfg.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
     return sched.CosineAnnealingWarmRestarts(optimizer, T_0=10 * steps_per_epoch, T_mult=2)

@@ -168,6 +168,12 @@ BAD = {
                                    "--inject-overflow-rank 1: there are only 1 process(es), ranks 0 to 0"),
     "accumulate that does not split the batch": (["--mode", "manual", "--batch-size", "10", "--accumulate", "4"],
                                                  "does not split into --accumulate 4"),
+    "label smoothing of 1": (["--mode", "amp", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    "warm-up as long as the run": (["--mode", "amp", "--schedule", "cosine", "--epochs", "2", "--warmup-epochs", "2"],
+                                   "--warmup-epochs must be at least 0 and less than --epochs 2"),
+    "warm-up of the step schedule": (["--mode", "amp", "--warmup-epochs", "1"], "add --schedule cosine"),
+    "nesterov without momentum": (["--mode", "baseline", "--nesterov", "--momentum", "0"],
+                                  "--nesterov needs momentum"),
 }
 
 
