@@ -248,8 +248,21 @@ def settings(run: Run) -> dict:
 
 
 def environment_label(env: dict) -> str:
-    """``"AMD EPYC 7B13 / torch 2.14.1"``: the environment a group's numbers belong to."""
-    return f"{env.get('device_name')} / torch {env.get('torch')}"
+    """``"CPU / torch 2.14.1"``, ``"NVIDIA A100-SXM4-40GB / torch 2.14.1"``: what a group's accuracies are pooled
+    over. Every CPU computes the same arithmetic, so CPU runs from different CPU models are pooled; a GPU is its
+    own environment (TF32, kernels), CUDA and CPU runs are never pooled, and neither are two torch versions."""
+    device = "CPU" if env.get("device_type") == "cpu" else env.get("device_name")
+    return f"{device} / torch {env.get('torch')}"
+
+
+def machine_label(env: dict) -> str:
+    """``"AMD EPYC (AVX2, 2 cores)"``: the machine a run's time and memory were measured on. Time and memory
+    ratios compare only runs on the same machine."""
+    if env.get("device_type") != "cpu":
+        return str(env.get("device_name"))
+    details = [str(env["cpu_capability"])] if env.get("cpu_capability") else []
+    details += [f"{env['cpu_count']} cores"] if env.get("cpu_count") else []
+    return f"{env.get('device_name')} ({', '.join(details)})" if details else str(env.get("device_name"))
 
 
 def _show(value) -> str:
@@ -393,17 +406,42 @@ def group_stats(group: Group) -> dict:
     }
 
 
+def paired_runs(group: Group, base: Group) -> list[tuple[Run, Run]]:
+    """``(run, baseline run)`` for each of ``group``'s runs that has a baseline run of the same seed on the same
+    machine: the only pairs whose time and memory may be compared."""
+    pairs = []
+    for run in group.runs:
+        match = next((b for b in base.runs if b.seed == run.seed and machine_label(b.env) == machine_label(run.env)),
+                     None)
+        if match is not None:
+            pairs.append((run, match))
+    return pairs
+
+
+def paired_ratios(group: Group, base: Group) -> dict:
+    """Speedup (the baseline's mean training time over this group's) and memory ratio (this group's mean peak
+    over the baseline's), over the seeds paired on the same machine, and the machines they were measured on."""
+    pairs = paired_runs(group, base)
+    if not pairs:
+        return {"speedup_vs_baseline": math.nan, "memory_ratio_vs_baseline": math.nan, "ratios_measured_on": ""}
+    total = lambda key, side: sum(_float(p[side].summary.get(key)) for p in pairs)  # noqa: E731
+    machines = pd.Series([machine_label(run.env) for run, _ in pairs]).value_counts(sort=False)
+    return {"speedup_vs_baseline": total("train_time_s", 1) / total("train_time_s", 0),
+            "memory_ratio_vs_baseline": total("peak_memory_bytes", 0) / total("peak_memory_bytes", 1),
+            "ratios_measured_on": "; ".join(f"{m} (seeds: {n})" for m, n in machines.items())}
+
+
 def comparison_table(groups: list[Group]) -> pd.DataFrame:
     """One row per group with raw numbers (fractions, seconds, MiB); the comparison with its baseline
-    is NaN where there is none."""
+    is NaN where there is none. Accuracy is compared over all seeds of the environment; time and memory
+    only between runs of the same seed on the same machine (:func:`paired_ratios`)."""
     rows = []
     for g in groups:
         stats, base = group_stats(g), find_baseline(g, groups)
         row = {"model": g.model, "mode": g.label, **g.columns, **stats}
         if base is not None:
             b = group_stats(base)
-            row["speedup_vs_baseline"] = b["train_time_s_mean"] / stats["train_time_s_mean"]
-            row["memory_ratio_vs_baseline"] = stats["peak_memory_mib_mean"] / b["peak_memory_mib_mean"]
+            row.update(paired_ratios(g, base))
             if base is not g:
                 row["accuracy_diff_pp"] = 100 * (stats["test_accuracy_mean"] - b["test_accuracy_mean"])
                 p, low, high = welch(g.values("test_accuracy"), base.values("test_accuracy"))
@@ -415,6 +453,9 @@ def comparison_table(groups: list[Group]) -> pd.DataFrame:
                 "accuracy_diff_ci95_high_pp", "welch_p"):
         if col not in table:
             table[col] = math.nan
+    if "ratios_measured_on" not in table:
+        table["ratios_measured_on"] = ""
+    table["ratios_measured_on"] = table["ratios_measured_on"].fillna("")
     order = [c for c in table.columns if c not in ("skipped_steps_mean", "final_loss_scale_mean")]
     return table[order + ["skipped_steps_mean", "final_loss_scale_mean"]]
 
@@ -448,6 +489,7 @@ def comparison_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
                               for m, s in zip(table["peak_memory_mib_mean"], table["peak_memory_mib_std"])],
         "speedup vs baseline": [_num(v, ".2f") for v in table["speedup_vs_baseline"]],
         "memory vs baseline": [_num(v, ".2f") for v in table["memory_ratio_vs_baseline"]],
+        "ratios measured on": table["ratios_measured_on"],
         "accuracy vs baseline (pp)": [_num(v, "+.2f") for v in table["accuracy_diff_pp"]],
         "95% CI (pp)": ["" if _num(lo, ".2f") == "" else f"[{lo:+.2f}, {hi:+.2f}]"
                         for lo, hi in zip(table["accuracy_diff_ci95_low_pp"], table["accuracy_diff_ci95_high_pp"])],
@@ -461,12 +503,21 @@ def comparison_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
 def comparison_notes(groups: list[Group]) -> list[str]:
     """What the columns mean, and every place where one seed leaves a number without its uncertainty."""
     notes = [("Mean ± sample standard deviation over seeds (n). Speedup is the baseline's mean training time over "
-              "this mode's; memory is this mode's mean peak over the baseline's; the accuracy difference is in "
+              "this mode's and memory this mode's mean peak over the baseline's, both only over the seeds that ran "
+              "in both modes on the same machine (named under 'ratios measured on'); accuracies are pooled over "
+              "all the environment's runs, whatever CPU model ran them (CPU and CUDA runs never). The accuracy "
+              "difference is in "
               "percentage points, with the 95% confidence interval of the difference and the two-sided p-value of "
               "Welch's t-test of the test accuracies over seeds (Welch-Satterthwaite degrees of freedom). The "
               "baseline is the one with the same model, environment and training settings.")]
     for g in groups:
         base = find_baseline(g, groups)
+        if base is not None and base is not g and 0 < len(paired_runs(g, base)) < g.n:
+            notes.append(f"{g.title}: time and memory ratios from {len(paired_runs(g, base))} of its {g.n} seeds, the "
+                         "ones with a baseline run of the same seed on the same machine.")
+        elif base is not None and base is not g and not paired_runs(g, base):
+            notes.append(f"{g.title}: no baseline run of the same seed on the same machine, so no time or memory "
+                         "ratio.")
         if g.n == 1:
             against = "" if base is None or base is g else ", and no p-value against its baseline"
             notes.append(f"n = 1: no uncertainty can be given for {g.title}: one seed gives no standard "

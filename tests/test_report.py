@@ -32,7 +32,8 @@ ERROR = "python -m mixprec.report: error:"
 
 
 def make_run(root: Path, name: str, *, mode="baseline", seed=0, acc=0.80, val_acc=None, time_s=10.0, peak_mib=100.0,
-             torch_version="2.5.1", status="completed", amp_dtype=None, loss_scales=None, skipped=(), **options):
+             torch_version="2.5.1", status="completed", amp_dtype=None, loss_scales=None, skipped=(), cpu_capability="AVX2",
+             **options):
     """A run directory as mixprec.run writes it, with known numbers: 100 test images, 10 per class, of
     which ``acc * 100`` are right (the first classes get the extra ones; the wrong ones go to the next class)."""
     run = root / "runs" / name
@@ -40,7 +41,7 @@ def make_run(root: Path, name: str, *, mode="baseline", seed=0, acc=0.80, val_ac
     cfg = RunConfig(mode=mode, seed=seed, device="cpu", **{"model": "resnet20", "epochs": 2, **options})
     write_json(run / "config.json", asdict(cfg))
     write_json(run / "env.json", {"torch": torch_version, "cuda": None, "device_type": "cpu", "device_name": "Test CPU",
-                                  "cpu": "Test CPU", "cpu_capability": "AVX2", "git_commit": "0123456789abcdef",
+                                  "cpu": "Test CPU", "cpu_capability": cpu_capability, "git_commit": "0123456789abcdef",
                                   "git_dirty": False})
     if status != "completed":
         write_json(run / "summary.json", {"status": status, "error": f"{status} at epoch 1, step 3"})
@@ -109,8 +110,9 @@ def test_comparison_has_exact_means_stds_ratios_welch_p_and_its_interval(tmp_pat
     assert amp["images_per_s_mean"] == pytest.approx((200 + 1000 / 7) / 2)
     assert base["speedup_vs_baseline"] == 1.0 and base["memory_ratio_vs_baseline"] == 1.0
     assert math.isnan(base["accuracy_diff_pp"]) and math.isnan(base["welch_p"])
-    assert amp["speedup_vs_baseline"] == pytest.approx(2.0)
-    assert amp["memory_ratio_vs_baseline"] == pytest.approx(0.5)
+    # time and memory pair the seeds both modes ran (0 and 1): (10 + 12) / (5 + 7) and (50 + 60) / (100 + 110)
+    assert amp["speedup_vs_baseline"] == pytest.approx(22 / 12)
+    assert amp["memory_ratio_vs_baseline"] == pytest.approx(110 / 210)
     assert amp["accuracy_diff_pp"] == pytest.approx(4.0)
     # Welch by hand: t^2 = 0.04^2 / (0.0002/2 + 0.0004/3) = 48/7, Welch-Satterthwaite df = 49/17
     p = 2 * stats.t.sf(math.sqrt(48 / 7), 49 / 17)
@@ -126,7 +128,8 @@ def test_comparison_has_exact_means_stds_ratios_welch_p_and_its_interval(tmp_pat
     assert rows[0]["test accuracy (%)"] == "82.00 ± 2.00" and rows[1]["test accuracy (%)"] == "86.00 ± 1.41"
     assert rows[0]["speedup vs baseline"] == "1.00" and rows[0]["memory vs baseline"] == "1.00"
     assert rows[0]["accuracy vs baseline (pp)"] == "" and rows[0]["Welch p"] == ""
-    assert (rows[1]["speedup vs baseline"], rows[1]["memory vs baseline"]) == ("2.00", "0.50")
+    assert (rows[1]["speedup vs baseline"], rows[1]["memory vs baseline"]) == ("1.83", "0.52")
+    assert rows[1]["ratios measured on"] == "Test CPU (AVX2) (seeds: 2)"
     assert (rows[1]["accuracy vs baseline (pp)"], rows[1]["Welch p"]) == ("+4.00", "0.0824")
     assert rows[1]["95% CI (pp)"] == f"[{4.0 - half_width:+.2f}, {4.0 + half_width:+.2f}]" and rows[0]["95% CI (pp)"] == ""
     assert rows[0]["peak memory (MiB)"] == "110.0 ± 10.0" and rows[1]["skipped steps"] == "0"
@@ -172,8 +175,7 @@ def test_environments_are_separate_rows_never_averaged(tmp_path, capsys):
     out, _, _ = report(tmp_path, capsys)
 
     table = pd.read_csv(out / "comparison.csv")
-    assert table["environment"].tolist() == ["Test CPU / torch 2.5.1", "Test CPU / torch 2.6.0",
-                                             "Test CPU / torch 2.6.0"]
+    assert table["environment"].tolist() == ["CPU / torch 2.5.1", "CPU / torch 2.6.0", "CPU / torch 2.6.0"]
     assert table["n"].tolist() == [2, 2, 1]
     assert table["test_accuracy_mean"].tolist() == pytest.approx([0.81, 0.91, 0.91])
     assert table["speedup_vs_baseline"].iloc[2] == pytest.approx(4.0)  # against its own environment's baseline
@@ -183,6 +185,26 @@ def test_environments_are_separate_rows_never_averaged(tmp_path, capsys):
     assert "| 2.5.1" in text and "| 2.6.0" in text  # both environments are listed
     assert not (out / "loss_scale.png").exists()  # baseline and bfloat16 amp have no loss scale
     assert "No loss-scale figure: no run had a loss scale" in text
+
+
+def test_cpu_models_pool_for_accuracy_but_ratios_pair_seeds_on_one_machine(tmp_path, capsys):
+    make_run(tmp_path, "base0", seed=0, acc=0.80, time_s=10.0, peak_mib=100.0, cpu_capability="AVX2")
+    make_run(tmp_path, "base1", seed=1, acc=0.82, time_s=20.0, peak_mib=200.0, cpu_capability="AVX512")
+    make_run(tmp_path, "manual0", mode="manual", seed=0, acc=0.84, time_s=8.0, peak_mib=60.0, cpu_capability="AVX512")
+    make_run(tmp_path, "manual1", mode="manual", seed=1, acc=0.86, time_s=10.0, peak_mib=50.0, cpu_capability="AVX512")
+    out, _, _ = report(tmp_path, capsys)
+
+    table = pd.read_csv(out / "comparison.csv").set_index("mode")
+    assert "environment" not in table  # one environment: CPU / torch 2.5.1, both CPU models in it
+    assert table["n"].tolist() == [2, 2]
+    assert table.loc["manual", "accuracy_diff_pp"] == pytest.approx(4.0)  # pooled over both machines
+    # only seed 1 ran in both modes on one machine (AVX512): 20 s / 10 s, 50 MiB / 200 MiB
+    assert table.loc["manual", "speedup_vs_baseline"] == pytest.approx(2.0)
+    assert table.loc["manual", "memory_ratio_vs_baseline"] == pytest.approx(0.25)
+    assert table.loc["manual", "ratios_measured_on"] == "Test CPU (AVX512) (seeds: 1)"
+    assert table.loc["baseline", "ratios_measured_on"] == "Test CPU (AVX2) (seeds: 1); Test CPU (AVX512) (seeds: 1)"
+    text = (out / "comparison.md").read_text()
+    assert "resnet20 / manual: time and memory ratios from 1 of its 2 seeds" in text
 
 
 def test_grid_marks_the_best_per_model_by_validation_not_test_accuracy(tmp_path, capsys):
