@@ -510,6 +510,11 @@ def comparison_notes(groups: list[Group]) -> list[str]:
               "percentage points, with the 95% confidence interval of the difference and the two-sided p-value of "
               "Welch's t-test of the test accuracies over seeds (Welch-Satterthwaite degrees of freedom). The "
               "baseline is the one with the same model, environment and training settings.")]
+    if any(g.mode == "amp" and g.setting.get("half_compute") == "emulated" for g in groups):
+        notes.append("amp with half_compute emulated (the CPU default) is torch.autocast to its dtype with "
+                     "torch.amp.GradScaler for float16, its convolutions, linears and matmuls computed as emulated "
+                     "tensor-core arithmetic (half operands, FP32 accumulation): the same recipe as on a GPU, at "
+                     "FP32's speed. amp (bfloat16) runs have no loss scaler.")
     for g in groups:
         base = find_baseline(g, groups)
         if base is not None and base is not g and 0 < len(paired_runs(g, base)) < g.n:
