@@ -822,7 +822,8 @@ def loss_scale_figure(groups: list[Group]):
         for i, g, run in lines:
             steps = run.steps.dropna(subset=["loss_scale"])
             ax.plot(steps["step"], steps["loss_scale"], color=f"C{i % 10}", lw=1.2, drawstyle="steps-post",
-                    ls="--" if g.mode == "amp" else "-",  # dashed: still seen where the two scalers agree
+                    ls="--" if g.mode == "amp" else "-", zorder=3 if g.mode == "amp" else 2,  # dashed on top: seen
+                    # where the two scalers agree
                     label=g.label + (f" ({_scaler_name(g)})" if _scaler_name(g) else ""))
             skipped = steps[_skipped(steps)]
             if len(skipped):
