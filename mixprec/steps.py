@@ -72,7 +72,7 @@ def amp_step(model, optimizer, images, labels, *, autocast, scaler: torch.amp.Gr
     optimizer.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
     for x, y in micro_batches(model, images, labels, accumulate):
-        with autocast:  # convolutions and linears in FP16 (or BF16), reductions such as cross_entropy in FP32
+        with autocast:  # convs and linears in FP16 (tensor cores, or emulated on a CPU), cross_entropy in FP32
             out = model(x)
             micro_loss = F.cross_entropy(out, y, label_smoothing=label_smoothing) / accumulate
         scaler.scale(micro_loss).backward()
