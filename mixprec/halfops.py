@@ -3,7 +3,7 @@
 A GPU tensor core multiplies FP16 operands, accumulates in FP32 and rounds the result to FP16.
 CPUs run PyTorch's FP16 convolutions through a naive fallback (``aten::_slow_conv2d_*``), ~25x
 slower than FP32 here, which would make manual mode unusable. :func:`emulated_half_compute` is a
-context in which every FP16 ``conv2d`` and ``linear`` is computed the tensor-core way instead:
+context in which every FP16 ``conv2d``, ``linear`` and ``matmul`` is computed the tensor-core way instead:
 
 * the FP16 inputs and weights are widened to FP32 (exact) and multiplied with FP32 kernels,
   so products and sums carry FP32 precision, as in the tensor core's FP32 accumulator;
