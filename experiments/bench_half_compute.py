@@ -5,7 +5,9 @@ float16 with GradScaler and the same emulation, the CPU default; amp in bfloat16
 kernels) on one model, interleaved round by round in one process so that machine noise hits every
 variant alike, and prints the median step times and the ratios. Targets, against baseline:
 manual step time <= 1.10 (issue: core study), amp-fp16 step time <= 1.20 (issue: amp reference),
-and saved-for-backward bytes <= 0.52 for both (physical limit 0.50). Exits 1 when a target is missed.
+and saved-for-backward bytes <= 0.52 for both (physical limit 0.50); manual-fp8 (--manual-dtype float8,
+delayed scaling) step time <= 1.5 (issue 17), its saved bytes reported but not a target (BatchNorm and
+ReLU keep their own FP16 tensors, so the FP8 copies come on top). Exits 1 when a target is missed.
 
     python experiments/bench_half_compute.py [--model resnet20] [--batch-size 128] [--rounds 7] [--native]
 
@@ -28,7 +30,8 @@ from mixprec.memory import saved_tensor_bytes
 from mixprec.models import build_model
 from mixprec.steps import setup_precision
 
-TARGETS = {"manual-emulated": (1.10, 0.52), "amp-fp16-emulated": (1.20, 0.52)}  # (step time, saved bytes) vs FP32
+# (step time, saved bytes) vs FP32; None: reported, no target
+TARGETS = {"manual-emulated": (1.10, 0.52), "amp-fp16-emulated": (1.20, 0.52), "manual-fp8": (1.5, None)}
 
 
 def main() -> int:
@@ -44,7 +47,8 @@ def main() -> int:
     x, y = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
     variants = {"baseline": dict(mode="baseline"), "manual-emulated": dict(mode="manual", half_compute="emulated"),
                 "amp-fp16-emulated": dict(mode="amp", amp_dtype="float16", half_compute="emulated"),
-                "amp-bf16-native": dict(mode="amp", amp_dtype="bfloat16", half_compute="native")}
+                "amp-bf16-native": dict(mode="amp", amp_dtype="bfloat16", half_compute="native"),
+                "manual-fp8": dict(mode="manual", manual_dtype="float8")}
     if args.native:
         variants["manual-native"] = dict(mode="manual", half_compute="native")
     precisions = {}
@@ -76,10 +80,11 @@ def main() -> int:
     ok = True
     for name, (time_target, bytes_target) in TARGETS.items():
         time_ratio, bytes_ratio = median[name] / median["baseline"], saved[name] / saved["baseline"]
-        passed = time_ratio <= time_target and bytes_ratio <= bytes_target
+        passed = time_ratio <= time_target and (bytes_target is None or bytes_ratio <= bytes_target)
         ok &= passed
         print(f"SUMMARY {name}/FP32: step time {time_ratio:.3f} (target <= {time_target}), saved bytes "
-              f"{bytes_ratio:.4f} (target <= {bytes_target}): {'PASS' if passed else 'FAIL'}")
+              f"{bytes_ratio:.4f} ({'no target' if bytes_target is None else f'target <= {bytes_target}'}): "
+              f"{'PASS' if passed else 'FAIL'}")
     return 0 if ok else 1
 
 

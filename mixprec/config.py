@@ -19,7 +19,8 @@ SCHEDULES = ("step", "cosine", "cosine-restarts")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("auto", "float16", "bfloat16")
 HALF_COMPUTES = ("auto", "native", "emulated")
-MANUAL_DTYPES = ("float16", "bfloat16")
+MANUAL_DTYPES = ("float16", "bfloat16", "float8")
+FP8_SCALINGS = ("delayed", "current")
 ON_MIN_SCALE = ("raise", "skip")
 RESUME_MAY_CHANGE = ("data",)  # options that --resume lets differ from the run's own
 
@@ -65,6 +66,11 @@ class RunConfig:
     clip_grad_norm: float | None = None  # every mode
     accumulate: int = 1  # every mode
     telemetry_every: int = 10  # every mode
+    # FP8 (--manual-dtype float8 only)
+    fp8_scaling: str = "delayed"
+    fp8_amax_history: int = 16
+    fp8_margin: int = 0
+    fp8_all_layers: bool = False
     deterministic: bool = False
     tf32: bool = True
     compile: bool = False
@@ -78,7 +84,8 @@ class RunConfig:
                                        ("amp-dtype", self.amp_dtype, AMP_DTYPES),
                                        ("half-compute", self.half_compute, HALF_COMPUTES),
                                        ("manual-dtype", self.manual_dtype, MANUAL_DTYPES),
-                                       ("on-min-scale", self.on_min_scale, ON_MIN_SCALE)):
+                                       ("on-min-scale", self.on_min_scale, ON_MIN_SCALE),
+                                       ("fp8-scaling", self.fp8_scaling, FP8_SCALINGS)):
             if value not in allowed:
                 raise UsageError(f"unknown --{option} {value!r}: choose one of {', '.join(allowed)}")
         if self.pretrained and not has_pretrained(self.model):
@@ -86,7 +93,7 @@ class RunConfig:
                              "torchvision or timm")
         counts = {"epochs": self.epochs, "batch-size": self.batch_size, "subset": self.subset,
                   "test-subset": self.test_subset, "accumulate": self.accumulate,
-                  "telemetry-every": self.telemetry_every}
+                  "telemetry-every": self.telemetry_every, "fp8-amax-history": self.fp8_amax_history}
         for option, value in counts.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise UsageError(f"--{option} must be a positive integer, got {value!r}")
@@ -127,6 +134,19 @@ class RunConfig:
         for option, used in manual_only.items():
             if used and self.mode != "manual":
                 raise UsageError(f"{option} is an ablation of manual mode; use it with --mode manual")
+        if isinstance(self.fp8_margin, bool) or not isinstance(self.fp8_margin, int) or self.fp8_margin < 0:
+            raise UsageError(f"--fp8-margin must be a non-negative integer (scales divide by 2^M), "
+                             f"got {self.fp8_margin!r}")
+        fp8_only = {"--fp8-scaling": self.fp8_scaling != "delayed", "--fp8-amax-history": self.fp8_amax_history != 16,
+                    "--fp8-margin": self.fp8_margin != 0, "--fp8-all-layers": self.fp8_all_layers}
+        for option, used in fp8_only.items():
+            if used and (self.mode != "manual" or self.manual_dtype != "float8"):
+                raise UsageError(f"{option} sets up FP8 training; use it with --mode manual --manual-dtype float8")
+        if self.fp8_scaling == "current" and self.fp8_amax_history != 16:
+            raise UsageError("--fp8-amax-history is the history of delayed scaling; --fp8-scaling current keeps none")
+        if self.manual_dtype == "float8" and self.half_compute == "native":
+            raise UsageError("--manual-dtype float8 is emulated FP8 (there are no FP8 kernels here); drop "
+                             "--half-compute native")
         if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in self.inject_overflow):
             raise UsageError(f"--inject-overflow takes optimizer steps counted from 1, got {self.inject_overflow!r}")
         if self.inject_overflow and self.mode == "baseline":
@@ -238,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16-batchnorm", action="store_true", help="run BatchNorm in FP16 too")
     g.add_argument("--manual-dtype", choices=MANUAL_DTYPES, default="float16",
                    help="the half type of manual mode; bfloat16 has FP32's exponent range and needs no loss "
-                   "scaling")
+                   "scaling. float8: an FP16 model whose convolutions and linears compute on emulated FP8 "
+                   "operands (E4M3 activations and weights, E5M2 gradients, per-tensor scales, FP32 "
+                   "accumulation, FP16 results)")
     g.add_argument("--inject-overflow", type=_step_list, default=(), metavar="STEP[,STEP...]",
                    help="make the scaled loss inf at these optimizer steps (1-based, counting skipped ones), to "
                    "watch a skip: manual mode, or amp with float16")
@@ -251,8 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split each batch into N micro-batches whose gradients add up to one optimizer step "
                    "(one overflow decision per step); --batch-size stays the images per optimizer step")
     g.add_argument("--telemetry-every", type=int, default=10, metavar="N",
-                   help="measure the largest gradient and the zero and FP16-underflow fractions every N optimizer "
-                   "steps in manual mode (steps.csv); the loss scale and skips are recorded at every step")
+                   help="measure the largest gradient and the zero and FP16-underflow fractions (and with float8 "
+                   "the FP8 saturation, flush-to-zero and scales) every N optimizer steps in manual mode "
+                   "(steps.csv); the loss scale and skips are recorded at every step")
+    f = p.add_argument_group("FP8 (with --mode manual --manual-dtype float8)")
+    f.add_argument("--fp8-scaling", choices=FP8_SCALINGS, default="delayed",
+                   help="delayed: each tensor's scale comes from the largest amax of its last --fp8-amax-history "
+                   "uses (TransformerEngine's DelayedScaling; the first use scales from its own amax); current: "
+                   "from the tensor's own amax")
+    f.add_argument("--fp8-amax-history", type=int, default=16, metavar="N",
+                   help="uses of each tensor whose amax delayed scaling remembers")
+    f.add_argument("--fp8-margin", type=int, default=0, metavar="M",
+                   help="headroom: scale = format max / (amax * 2^M)")
+    f.add_argument("--fp8-all-layers", action="store_true",
+                   help="quantize the first convolution and the classifier too (by default they stay FP16, as in "
+                   "the FP8 paper)")
     return p
 
 

@@ -19,6 +19,11 @@ FP32 and ``torch.autocast`` decides: the calls that autocast's lower-precision p
 would, and then computed the tensor-core way; every other op keeps autocast's own policy. Ops that
 autocast casts but this layer does not route (``conv_transpose*``, ``conv1d``/``conv3d``,
 ``addmm``/``baddbmm``, ``prelu``) run autocast's native kernels: right, but slow on a CPU.
+
+FP8 (``--manual-dtype float8``) is the same layer again: :class:`EmulatedFp8` hands the ``conv2d`` and
+``linear`` calls of the FP8 layers a :class:`~mixprec.fp8.Fp8Layer`, and the same autograd Functions then
+quantize their operands to scaled E4M3 (forward) and E5M2 (the output gradient, in backward), multiply the
+FP8 values in FP32, unscale, and round the results to the model's FP16.
 """
 
 from __future__ import annotations
@@ -39,50 +44,99 @@ def _fp32_kernels(t: torch.Tensor) -> AbstractContextManager:
 
 class _Conv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight)  # half tensors: half the bytes of FP32 activations
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, fp8=None):
         ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        ctx.fp8, ctx.dtypes = fp8, (x.dtype, weight.dtype)
+        if fp8 is None:
+            ctx.save_for_backward(x, weight)  # half tensors: half the bytes of FP32 activations
+            with _fp32_kernels(x):
+                out = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(),
+                               stride, padding, dilation, groups)
+            return out.to(x.dtype)
+        xq, wq = fp8.quantize_forward(x, weight, record=any(ctx.needs_input_grad[:2]))  # training, not eval
+        ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv)  # FP8: one byte per element
         with _fp32_kernels(x):
-            out = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(),
-                           stride, padding, dilation, groups)
-        return out.to(x.dtype)
+            out = F.conv2d(xq.data.float(), wq.data.float(), None, stride, padding, dilation, groups)
+            return _fp8_epilogue(out, xq.scale_inv * wq.scale_inv, bias, x.dtype, channel_dim=1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.conf
-        with _fp32_kernels(x):
+        x_dtype, w_dtype = ctx.dtypes
+        if ctx.fp8 is None:
+            x, weight = ctx.saved_tensors
+            g, x_inv = grad_out.float(), None
+        else:  # FP8: grad_out to E5M2 with its own scale; the bias gradient from the FP16 one, as TE does
+            x, x_inv, weight, w_inv = ctx.saved_tensors
+            gq = ctx.fp8.quantize_grad(grad_out)
+            g = gq.data.float()
+        bias_in_kernel = has_bias and ctx.fp8 is None
+        with _fp32_kernels(grad_out):
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out.float(), x.float(), weight.float(), [weight.shape[0]] if has_bias else None,
+                g, x.float(), weight.float(), [weight.shape[0]] if bias_in_kernel else None,
                 stride, padding, dilation, False, [0, 0], groups,
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
-        return (None if grad_x is None else grad_x.to(x.dtype),
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(weight.dtype), None, None, None, None)
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_in_kernel and ctx.needs_input_grad[2]])
+            if ctx.fp8 is not None:  # unscale the FP32 accumulations: 1 / (scale of grad_out * scale of operand)
+                grad_x = None if grad_x is None else grad_x * (gq.scale_inv * w_inv)
+                grad_w = None if grad_w is None else grad_w * (gq.scale_inv * x_inv)
+                if has_bias and ctx.needs_input_grad[2]:
+                    grad_b = grad_out.float().sum((0, 2, 3))
+        return (None if grad_x is None else grad_x.to(x_dtype),
+                None if grad_w is None else grad_w.to(w_dtype),
+                None if grad_b is None else grad_b.to(w_dtype), None, None, None, None, None)
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, fp8=None):
         ctx.has_bias = bias is not None
+        ctx.fp8, ctx.dtypes = fp8, (x.dtype, weight.dtype)
+        if fp8 is None:
+            ctx.save_for_backward(x, weight)
+            with _fp32_kernels(x):
+                out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+            return out.to(x.dtype)
+        xq, wq = fp8.quantize_forward(x, weight, record=any(ctx.needs_input_grad[:2]))
+        ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv)
         with _fp32_kernels(x):
-            out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return out.to(x.dtype)
+            out = F.linear(xq.data.float(), wq.data.float())
+            return _fp8_epilogue(out, xq.scale_inv * wq.scale_inv, bias, x.dtype, channel_dim=-1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        g = grad_out.float()
+        x_dtype, w_dtype = ctx.dtypes
+        if ctx.fp8 is None:
+            x, weight = ctx.saved_tensors
+            g, g_inv, x_inv, w_inv = grad_out.float(), None, None, None
+        else:
+            x, x_inv, weight, w_inv = ctx.saved_tensors
+            gq = ctx.fp8.quantize_grad(grad_out)
+            g, g_inv = gq.data.float(), gq.scale_inv
         grad_x = grad_w = grad_b = None
-        with _fp32_kernels(x):
+        with _fp32_kernels(grad_out):
             if ctx.needs_input_grad[0]:
-                grad_x = (g @ weight.float()).to(x.dtype)
+                grad_x = _unscaled(g @ weight.float(), g_inv, w_inv).to(x_dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = (g.reshape(-1, g.shape[-1]).t() @ x.float().reshape(-1, x.shape[-1])).to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = g.reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b
+                grad_w = _unscaled(g.reshape(-1, g.shape[-1]).t() @ x.float().reshape(-1, x.shape[-1]),
+                                   g_inv, x_inv).to(w_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:  # from the half grad_out, also in FP8
+                grad_b = grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0).to(w_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def _unscaled(product: torch.Tensor, *scale_invs) -> torch.Tensor:
+    """An FP32 product of FP8 operands times the operands' inverse scales; half operands have None."""
+    return product if scale_invs[0] is None else product * (scale_invs[0] * scale_invs[1])
+
+
+def _fp8_epilogue(out: torch.Tensor, scale_inv: torch.Tensor, bias, dtype: torch.dtype, channel_dim: int):
+    """What the FP8 tensor core does after the FP32 accumulation: unscale, add the bias, round to ``dtype``."""
+    out = out * scale_inv
+    if bias is not None:
+        shape = [1] * out.dim()
+        shape[channel_dim] = -1
+        out += bias.float().view(shape)
+    return out.to(dtype)
 
 
 class _Matmul(torch.autograd.Function):
@@ -108,8 +162,9 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``F.conv2d`` for half-precision tensors, with FP32 accumulation (see the module docstring)."""
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, fp8=None):
+    """``F.conv2d`` for half-precision tensors, with FP32 accumulation (see the module docstring); with
+    ``fp8`` (a :class:`~mixprec.fp8.Fp8Layer`) on FP8-quantized operands."""
     if isinstance(padding, str):  # 'same' / 'valid': resolve to numbers for convolution_backward
         if padding == "valid":
             padding = 0
@@ -119,12 +174,12 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             if any(t % 2 for t in total):
                 raise NotImplementedError("emulated conv2d: asymmetric 'same' padding is not supported")
             padding = [t // 2 for t in total]
-    return _Conv2d.apply(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
+    return _Conv2d.apply(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups, fp8)
 
 
-def linear(x, weight, bias=None):
-    """``F.linear`` for half-precision tensors, with FP32 accumulation."""
-    return _Linear.apply(x, weight, bias)
+def linear(x, weight, bias=None, fp8=None):
+    """``F.linear`` for half-precision tensors, with FP32 accumulation; with ``fp8``, on FP8 operands."""
+    return _Linear.apply(x, weight, bias, fp8)
 
 
 def matmul(a, b):
@@ -176,6 +231,36 @@ def emulated_half_compute() -> TorchFunctionMode:
             y = model(x.half())  # FP16 result, computed at FP32 speed on a CPU
     """
     return _EmulateHalf()
+
+
+class EmulatedFp8(_EmulateHalf):
+    """The same emulation, in which the half-precision ``conv2d`` and ``linear`` calls of FP8 layers take
+    FP8 operands: the input activation and the weight scaled and cast to E4M3, the output gradient in
+    backward to E5M2, each with its layer's scale (:mod:`mixprec.fp8`); FP32 accumulation, results in the
+    half dtype, the FP8 tensors (and scales) saved for backward. ``layer_for(weight)`` names the FP8 layer
+    of a call by its weight parameter; calls it returns None for (the layers kept in FP16) and every other
+    op run as in :func:`emulated_half_compute`.
+
+    Example::
+
+        with EmulatedFp8(Fp8Training(model, Fp8Recipe(), "cpu").layer_for):
+            y = model(x.half())
+    """
+
+    _fp8_routes = {F.conv2d: conv2d, torch.conv2d: conv2d, F.linear: linear}
+
+    def __init__(self, layer_for):
+        super().__init__()
+        self.layer_for = layer_for
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        route = self._fp8_routes.get(func)
+        if route is not None and args and isinstance(args[0], torch.Tensor) and args[0].dtype in HALF_DTYPES:
+            layer = self.layer_for(args[1] if len(args) > 1 else kwargs.get("weight"))
+            if layer is not None:
+                return route(*args, **kwargs, fp8=layer)
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 class EmulatedAutocast:

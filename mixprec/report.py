@@ -883,6 +883,47 @@ def memory_figure(groups: list[Group]):
     return fig
 
 
+def has_fp8_telemetry(group: Group) -> bool:
+    """Whether any of the group's runs measured FP8 telemetry (``--manual-dtype float8``)."""
+    return any(r.steps is not None and "fp8_grad_scale" in r.steps and r.steps["fp8_grad_scale"].notna().any()
+               for r in group.runs)
+
+
+def fp8_figure(groups: list[Group]):
+    """FP8 telemetry per optimizer step: rows saturated fraction, flushed-to-zero fraction and scale (geometric
+    mean over the FP8 layers), columns weights, activations, gradients; one colour per group, one line per seed.
+    None when no group trained in FP8."""
+    from .fp8 import ROLES, STATS
+
+    fp8 = [g for g in groups if has_fp8_telemetry(g)]
+    if not fp8:
+        return None
+    fig = _figure(13.0, 8.0)
+    axes = fig.subplots(len(STATS), len(ROLES), sharex=True, squeeze=False)
+    for i, g in enumerate(fp8):
+        for k, run in enumerate(r for r in g.runs if r.steps is not None):
+            steps = run.steps.dropna(subset=["fp8_grad_scale"])
+            for row, stat in enumerate(STATS):
+                for col, role in enumerate(ROLES):
+                    axes[row][col].plot(steps["step"], steps[f"fp8_{role}_{stat}"], color=f"C{i % 10}", lw=1,
+                                        label=g.title if k == 0 else None)
+    for col, role in enumerate(("weights (E4M3)", "activations (E4M3)", "gradients (E5M2)")):
+        axes[0][col].set_title(role, fontsize=10)
+        axes[-1][col].set_xlabel("optimizer step")
+        for row in range(len(STATS)):
+            ax = axes[row][col]
+            if row < 2:
+                ax.set_yscale("symlog", linthresh=1e-6)  # zero stays on the axis
+            else:
+                ax.set_yscale("log", base=2)
+            ax.grid(alpha=0.3)
+    for row, label in enumerate(("saturated fraction", "flushed-to-zero fraction", "scale (geometric mean)")):
+        axes[row][0].set_ylabel(label)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", fontsize=8,
+               ncols=min(4, len(fp8)))
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report.md and the command line
 
@@ -898,6 +939,10 @@ CAPTIONS = {
                       "(amp) and ours (manual) overlaid; red crosses mark the steps skipped on overflow.",
     "memory.png": "Mean memory by role, measured on the first training step (left), and the mean peak memory "
                   "(right; on a CPU the process's peak resident memory).",
+    "fp8.png": "FP8 telemetry (--manual-dtype float8) at the measured steps (every --telemetry-every): the fraction "
+               "of elements saturated (where a plain cast would have overflowed), the fraction flushed to zero "
+               "(nonzero in, zero out), over all FP8 layers, and the geometric mean of their scales, for weights "
+               "and activations (E4M3) and output gradients (E5M2, which include the loss scale).",
 }
 
 
@@ -1008,7 +1053,7 @@ def write_figures(out: Path, groups: list[Group]) -> list[str]:
     written = []
     for name, make in (("confusion_matrices.png", confusion_figure), ("curves.png", curves_figure),
                        ("time_to_accuracy.png", time_to_accuracy_figure), ("loss_scale.png", loss_scale_figure),
-                       ("memory.png", memory_figure)):
+                       ("memory.png", memory_figure), ("fp8.png", fp8_figure)):
         fig = make(groups)
         if fig is None:
             (out / name).unlink(missing_ok=True)  # an earlier report's figure would contradict this one

@@ -24,7 +24,8 @@ from .results import write_json
 
 PROG = "python -m mixprec.run"
 ABLATION_OPTIONS = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype",
-                    "inject_overflow", "clip_grad_norm", "accumulate", "telemetry_every")
+                    "inject_overflow", "clip_grad_norm", "accumulate", "telemetry_every", "fp8_scaling",
+                    "fp8_amax_history", "fp8_margin", "fp8_all_layers")
 
 
 def images_per_s(result) -> float | None:
@@ -71,6 +72,7 @@ def summary(cfg, result, splits) -> dict:
         "skipped_steps": result.skipped_steps if cfg.mode != "baseline" else None,
         "final_loss_scale": result.final_loss_scale,
         "ablation": {k: getattr(cfg, k) for k in ABLATION_OPTIONS},
+        "fp8": result.fp8,  # formats and scaling recipe of a --manual-dtype float8 run, else None
         "notes": result.notes,
         "test_accuracy": None,
         "test_loss": None,

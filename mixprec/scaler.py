@@ -125,6 +125,11 @@ class DynamicLossScaler:
         """``loss * scale``. Pass an FP32 loss: an FP16 one would overflow at 65504."""
         return loss * self._scale
 
+    def telemetry_due(self) -> bool:
+        """Whether the step in progress measures statistics: every ``telemetry_every`` steps, the first included
+        (the FP8 layers ask too, so that their statistics come from the same steps)."""
+        return self.telemetry_every is not None and self._steps % self.telemetry_every == 0
+
     def pop_stats(self) -> torch.Tensor | None:
         """The statistics measured at this step's :meth:`unscale_`, if it measured any (see there)."""
         stats, self._stats = self._stats, None
@@ -160,7 +165,7 @@ class DynamicLossScaler:
         if not master_grads:
             raise RuntimeError("unscale_() found no gradients: call it after backward()")
         device = master_grads[0].device
-        telemetry = self.telemetry_every is not None and self._steps % self.telemetry_every == 0
+        telemetry = self.telemetry_due()
         separate = master_grads[0] is not model_grads[0]  # False without master weights: unscaled in place
         if telemetry:  # before the copy and the unscale, which (in place) would change what is counted
             elements = sum(g.numel() for g in model_grads)

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import distributed
 from .config import RunConfig, UsageError
+from .fp8 import Fp8Recipe, Fp8Training
 from .halfops import EmulatedAutocast, emulated_half_compute
 from .master import MasterWeights, half_with_fp32_norm_
 from .scaler import DynamicLossScaler
@@ -94,7 +95,7 @@ def manual_step(model, optimizer, images, labels, *, master: MasterWeights, scal
     model.zero_grad(set_to_none=True)
     logits, loss = [], 0.0
     for x, y in micro_batches(model, images, labels, accumulate):
-        with half_compute:  # native FP16 kernels, or tensor-core arithmetic emulated on a CPU
+        with half_compute:  # native FP16 kernels, or tensor-core arithmetic emulated on a CPU (FP8 operands in float8)
             out = model(x.to(dtype))
         micro_loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing) / accumulate  # softmax in FP32
         scaler.scale(micro_loss).backward()  # FP16 grads of loss * scale: small ones lifted out of underflow
@@ -151,10 +152,15 @@ class Precision:
     scaler: DynamicLossScaler | torch.amp.GradScaler | None = None
     notes: list[str] = field(default_factory=list)  # caveats recorded in the summary
     description: str = "FP32"  # for the run's first log line
+    fp8: Fp8Training | None = None  # manual mode with --manual-dtype float8
 
     def pop_stats(self) -> torch.Tensor | None:
         """Gradient statistics the scaler measured at the last step, if any (manual mode)."""
         return self.scaler.pop_stats() if isinstance(self.scaler, DynamicLossScaler) else None
+
+    def pop_fp8_stats(self) -> torch.Tensor | None:
+        """FP8 saturation, flush-to-zero and scales measured at the last step, if any (see :mod:`mixprec.fp8`)."""
+        return self.fp8.pop_stats() if self.fp8 is not None else None
 
 
 def _with_injection(scaler, cfg: RunConfig):
@@ -220,6 +226,16 @@ def make_loss_scaler(cfg: RunConfig) -> DynamicLossScaler:
     return DynamicLossScaler(init_scale=static, dynamic=False, telemetry_every=cfg.telemetry_every)
 
 
+def setup_fp8(cfg: RunConfig, model: nn.Module, device: torch.device, scaler: DynamicLossScaler) -> Fp8Training:
+    """The FP8 layers of the (already FP16) ``model`` for ``--manual-dtype float8``; they measure their
+    telemetry at the steps the loss scaler measures the gradients'."""
+    recipe = Fp8Recipe(cfg.fp8_scaling, cfg.fp8_amax_history, cfg.fp8_margin, cfg.fp8_all_layers)
+    try:
+        return Fp8Training(model, recipe, device, measuring=scaler.telemetry_due)
+    except ValueError as e:
+        raise UsageError(f"--manual-dtype float8 with {cfg.model}: {e}") from None
+
+
 def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> Precision:
     """Prepare ``model`` (FP32, on ``device``) for ``cfg.mode`` and build its optimizer.
 
@@ -258,15 +274,17 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
                          description=f"torch.autocast({amp_dtype}){arithmetic}, {scaling}")
 
     if cfg.mode == "manual":
-        how = resolve_half_compute(cfg.half_compute, device)
-        dtype = getattr(torch, cfg.manual_dtype)
+        fp8 = cfg.manual_dtype == "float8"
+        how = "emulated" if fp8 else resolve_half_compute(cfg.half_compute, device)
+        dtype = torch.float16 if fp8 else getattr(torch, cfg.manual_dtype)  # FP8 computes; the model stores FP16
         _warn_if_slow(how, dtype, device)
         master = MasterWeights(model, enabled=cfg.master_weights)  # from the FP32 weights, before rounding
         half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
         opt = _sgd(master.params, cfg)
         scaler = make_loss_scaler(cfg)
         injected = _with_injection(scaler, cfg)
-        half_compute = half_compute_context(how)
+        fp8_training = setup_fp8(cfg, model, device, scaler) if fp8 else None
+        half_compute = fp8_training.compute() if fp8 else half_compute_context(how)
         notes = []
         if dtype == torch.bfloat16 and cfg.loss_scale != "none":
             notes.append("bfloat16 has FP32's exponent range, so loss scaling is unnecessary; the scaler ran "
@@ -275,12 +293,15 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
         weights = "FP32 master weights" if cfg.master_weights else "no master weights (updated in half)"
         arithmetic = {"emulated": "emulated tensor-core arithmetic (half operands, FP32 accumulation)",
                       "native": "native half kernels"}[how]
+        if fp8:
+            arithmetic = (f"emulated FP8 tensor-core arithmetic (E4M3 forward, E5M2 gradients, {cfg.fp8_scaling} "
+                          f"per-tensor scaling, FP32 accumulation; FP16: {', '.join(fp8_training.fp16_layers) or 'none'})")
         scaling = {"dynamic": "dynamic loss scale from {:g}", "none": "no loss scaling (scale {:g})"}.get(
             cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
         step = partial(manual_step, distributed.wrap(net, device), opt, master=master, scaler=injected, dtype=dtype,
                        half_compute=half_compute, **step_options)
         return Precision(step, eval_forward(net, half_compute, dtype), opt, scaler.get_scale, half_compute=how,
-                         master=master, scaler=scaler,
+                         master=master, scaler=scaler, fp8=fp8_training,
                          notes=notes, description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, "
                                                   f"{arithmetic}, {scaling}")
 

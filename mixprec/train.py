@@ -25,6 +25,7 @@ from . import device as dev
 from . import distributed
 from .config import RunConfig, UsageError
 from .data import CifarLoader, Splits
+from .fp8 import COLUMNS as FP8_COLUMNS
 from .memory import SavedTensorBytes, breakdown
 from .models import build_model, count_macs, count_params
 from .scaler import LossScaleCollapse
@@ -71,6 +72,7 @@ class RunResult:
     peak_memory_bytes: int = 0
     memory: dict | None = None  # bytes by role on one real training step (memory.breakdown)
     tf32: bool = False  # whether FP32 convolutions ran as TF32 (CUDA, Ampere or newer)
+    fp8: dict | None = None  # the FP8 formats and scaling recipe (Fp8Training.describe), for float8 runs
     world_size: int = 1  # processes training together (torchrun); time and memory are rank 0's
     test: dict | None = None  # accuracy, loss, per_class_accuracy, confusion_matrix
 
@@ -173,11 +175,13 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         losses = torch.full((n,), math.nan, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         lrs, scales, skips, grad_stats, begin, seconds_before, warmup_seconds = [], [], [], {}, 0, 0.0, 0.0
+        fp8_stats = {}
     else:
         # saved with the losses averaged over the ranks and the correct count summed: rank 0 carries the count
         losses, correct = partial["losses"].to(device), partial["correct"].to(device) * distributed.is_main()
         lrs, scales, skips = partial["lrs"], partial["scales"], partial["skips"]
         grad_stats = {int(k): v.to(device) for k, v in partial["grad_stats"].items()}
+        fp8_stats = {int(k): v.to(device) for k, v in partial.get("fp8_stats", {}).items()}
         begin, seconds_before, last_finite_loss = partial["steps_done"], partial["seconds"], partial["last_finite_loss"]
         warmup_seconds = partial.get("warmup_seconds", 0.0)
     warmup_steps = min(WARMUP_STEPS, n) if epoch == 0 else 0
@@ -199,6 +203,8 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
         skips.append(out.skipped)
         if (stats := precision.pop_stats()) is not None:
             grad_stats[i] = stats  # stays on the device: read once, at the end of the epoch
+        if (stats := precision.pop_fp8_stats()) is not None:
+            fp8_stats[i] = stats  # likewise
         if i + 1 == warmup_steps:
             dev.synchronize(device)
             warmup_seconds = seconds_before + time.perf_counter() - start
@@ -207,6 +213,7 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
             partial = {"steps_done": i + 1, "losses": _mean_over_ranks(losses).cpu(),
                        "correct": distributed.sum_(correct.clone()).cpu(), "lrs": lrs,
                        "scales": scales, "skips": skips, "grad_stats": {k: v.cpu() for k, v in grad_stats.items()},
+                       "fp8_stats": {k: v.cpu() for k, v in fp8_stats.items()},
                        "warmup_seconds": warmup_seconds, "seconds": seconds_before + time.perf_counter() - start,
                        "last_finite_loss": last_finite_loss}
             raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1} of {n}", partial)
@@ -230,12 +237,14 @@ def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, ep
     mean_loss = float(losses[finite].mean()) if bool(finite.any()) else math.nan
     images = n * loader.batch_size
     measured = dict(zip(grad_stats, torch.stack(list(grad_stats.values())).tolist())) if grad_stats else {}
+    fp8_measured = dict(zip(fp8_stats, torch.stack(list(fp8_stats.values())).tolist())) if fp8_stats else {}
     rows = []
     for i, (loss, lr, scale, skipped) in enumerate(zip(losses.tolist(), lrs, scales, skips)):
         largest, zeros, underflow, elements = measured.get(i, (math.nan,) * 3 + (1.0,))
         rows.append(dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
                          grad_max_abs=largest, grad_zero_frac=zeros / elements,
-                         grad_underflow_frac=underflow / elements))
+                         grad_underflow_frac=underflow / elements,
+                         **dict(zip(FP8_COLUMNS, fp8_measured.get(i, (math.nan,) * len(FP8_COLUMNS))))))
     return EpochStats(mean_loss, int(correct) / images, sum(skips), images, last_finite_loss, rows, seconds_before,
                       warmup_seconds, warmup_steps * loader.batch_size, memory)
 
@@ -285,7 +294,8 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         for images, labels in (splits.val, splits.test))
     scheduler = make_scheduler(cfg, precision.optimizer, len(train_loader))
     result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params, macs,
-                       notes=precision.notes, tf32=tf32, world_size=world)
+                       notes=precision.notes, tf32=tf32, world_size=world,
+                       fp8=precision.fp8.describe() if precision.fp8 is not None else None)
     scaled = precision.loss_scale() is not None
     start_epoch, best_val_acc, last_finite_loss = 0, -1.0, math.nan
     if resume is not None:
@@ -295,6 +305,8 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         precision.optimizer.load_state_dict(resume["optimizer"])
         if resume["scaler"] is not None:
             precision.scaler.load_state_dict(resume["scaler"])
+        if resume.get("fp8") is not None:
+            precision.fp8.load_state_dict(resume["fp8"])
         scheduler.load_state_dict(resume["scheduler"])
         dev.set_rng_states(device, resume["rng"])
         _set_numpy_state(resume["numpy_rng"])
@@ -315,6 +327,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             "master": precision.master.state_dict() if precision.master and precision.master.enabled else None,
             "optimizer": precision.optimizer.state_dict(),
             "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
+            "fp8": precision.fp8.state_dict() if precision.fp8 is not None else None,  # amax histories, scales
             "scheduler": scheduler.state_dict(),
             "rng": dev.rng_states(device), "numpy_rng": _numpy_state(), "python_rng": random.getstate(),
             "progress": {"epochs": result.epochs, "steps": result.steps, "train_time_s": result.train_time_s,

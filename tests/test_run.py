@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mixprec.config import RunConfig, option_name
+from mixprec.fp8 import COLUMNS as FP8_COLUMNS
 from mixprec.run import main
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "loss_scale",
@@ -45,7 +46,8 @@ def _check_run_dir(run: Path, mode: str, classes: int = 10, epochs: int = 1) -> 
     assert list(epoch_rows.columns) == EPOCH_COLUMNS and len(epoch_rows) == epochs
     steps = pd.read_csv(run / "steps.csv")
     assert list(steps.columns) == ["step", "epoch", "loss", "lr", "loss_scale", "skipped", "grad_max_abs",
-                                   "grad_zero_frac", "grad_underflow_frac"]
+                                   "grad_zero_frac", "grad_underflow_frac", *FP8_COLUMNS]
+    assert steps[list(FP8_COLUMNS)].isna().all().all() == (s["fp8"] is None)  # NaN unless the run trained in FP8
     assert steps["step"].tolist() == list(range(1, len(steps) + 1))
     if mode == "manual":  # telemetry measured at step 1 (and every --telemetry-every after)
         assert steps["grad_max_abs"][0] > 0 and 0 <= steps["grad_underflow_frac"][0] <= 1

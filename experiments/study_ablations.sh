@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The ablation study of issue 17: what each technique of manual mode buys, and FP8 beside FP16. resnet20, seeds 0
+# and 1, a stratified 10,000-image training subset, 8 epochs, the full 10,000-image test set; one variant per row:
+# FP32; manual FP16; without loss scaling; static loss scale 2^10; without master weights; FP16 BatchNorm; manual
+# bfloat16; FP8 with delayed scaling; FP8 with current scaling. Writes results/ablation-study/ (runs/, report/).
+#
+#   bash experiments/study_ablations.sh            # runs it (hours on 2 CPU cores)
+#   bash experiments/study_ablations.sh --plan     # only validates every mixprec.run command line and prints it
+#
+# The recipe is the cifar10 study's (experiments/study_cifar10.sh). Each variant is one python -m mixprec.study
+# call, so OUT/study.json describes the last variant only; the run directories and the report (written once, at
+# the end) hold them all. Run it again after an interruption: completed runs are skipped, an interrupted one
+# resumes. DATA overrides the data path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STUDY=(python -m mixprec.study)
+if [[ "${1:-}" == --plan ]]; then
+    STUDY=(python -c 'import sys
+from mixprec.config import parse_args
+from mixprec.study import plan
+_, combos = plan(sys.argv[1:])
+for c in combos:
+    parse_args(c.argv)
+    print("python -m mixprec.run", " ".join(c.argv))')
+fi
+OUT=results/ablation-study
+RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.4 --nesterov --momentum 0.9 --weight-decay 5e-4
+        --batch-size 128 --label-smoothing 0.1)
+COMMON=(--models resnet20 --seeds 0 1 --epochs 8 --subset 10000 --device cpu
+        --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --out "$OUT" --no-report)
+VARIANTS=(
+    "--modes baseline"
+    "--modes manual"
+    "--modes manual --loss-scale none"
+    "--modes manual --loss-scale 1024"
+    "--modes manual --no-master-weights"
+    "--modes manual --fp16-batchnorm"
+    "--modes manual --manual-dtype bfloat16"
+    "--modes manual --manual-dtype float8 --fp8-scaling delayed"
+    "--modes manual --manual-dtype float8 --fp8-scaling current"
+)
+for variant in "${VARIANTS[@]}"; do
+    # shellcheck disable=SC2086  # a variant is several words on purpose
+    "${STUDY[@]}" $variant "${RECIPE[@]}" "${COMMON[@]}"
+done
+if [[ "${1:-}" != --plan ]]; then
+    python -m mixprec.report "$OUT"
+fi
