@@ -47,6 +47,7 @@ class RunConfig:
     warmup_epochs: float = 0.0  # cosine only: linear warm-up before the cosine decay
     label_smoothing: float = 0.0  # training loss only; evaluation is plain cross-entropy
     nesterov: bool = False
+    test_time_flip: bool = False  # validation and test: mean logits of each image and its mirror image
     seed: int = 0
     device: str = "auto"
     amp_dtype: str = "auto"
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.0, metavar="X",
                    help="train against targets smoothed by X (F.cross_entropy's label_smoothing): 1-X on the "
                    "label, X/10 spread over all classes; the training loss includes it, evaluation does not")
+    p.add_argument("--test-time-flip", action="store_true",
+                   help="evaluate (validation and test) on the mean of the logits of each image and of its "
+                   "horizontal mirror image, as airbench does; training is unchanged")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for initial weights, batch order and augmentation")
     add_precision_options(p)

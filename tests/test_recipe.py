@@ -112,3 +112,34 @@ def test_bad_recipe_values_are_refused(kw, message):
     with pytest.raises(UsageError, match=message) as e:
         _cfg(epochs=3, **kw)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("mode,extra", MODES)
+def test_test_time_flip_averages_the_logits_of_the_mirror_images(mode, extra):
+    from mixprec.data import CifarLoader
+    from mixprec.train import evaluate
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    p = setup_precision(_cfg(mode=mode, **extra), model, CPU)
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (20,))
+    loader = CifarLoader(images, labels, batch_size=8, train=False, device=CPU)
+    model.eval()
+    with torch.no_grad():
+        batches = [x for x, _ in loader]
+        plain = torch.cat([p.forward(x).float() for x in batches])
+        mirrored = torch.cat([p.forward(x.flip(3)).float() for x in batches])
+        assert not torch.allclose(plain, mirrored)  # the net is not mirror-invariant: the test can fail
+        for flip, logits in ((False, plain), (True, (plain + mirrored) / 2)):
+            loss, acc, preds = evaluate(p, model, loader, labels, flip=flip)
+            assert torch.equal(preds, logits.argmax(1))
+            assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+            assert acc == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+
+
+def test_test_time_flip_is_off_by_default_and_a_flag():
+    from mixprec.config import parse_args
+
+    assert RunConfig(mode="baseline").test_time_flip is False
+    assert parse_args(["--mode", "baseline", "--test-time-flip"]).test_time_flip is True
