@@ -10,7 +10,7 @@ from torch import nn
 
 from mixprec import models
 from mixprec.config import RunConfig, UsageError
-from mixprec.fp8 import COLUMNS, E4M3, E5M2, Fp8Recipe, Fp8Tensor, TensorScaling, dequantize, scaled_cast
+from mixprec.fp8 import COLUMNS, E4M3, E5M2, Fp8Recipe, Fp8Tensor, TensorScaling, dequantize, scaled_cast, widen
 from mixprec.halfops import emulated_half_compute
 from mixprec.steps import setup_precision
 
@@ -43,6 +43,17 @@ def _cfg(**kw):
     kw.setdefault("mode", "manual")
     kw.setdefault("manual_dtype", "float8")
     return RunConfig(model="three", device="cpu", **kw)
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_widen_is_torchs_fp8_to_fp32_conversion_for_every_code(fmt):
+    codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(fmt.dtype)
+    ref, got = codes.float(), widen(codes)
+    assert torch.equal(ref.isnan(), got.isnan()) and ref.isnan().any()  # the NaN codes stay NaN
+    finite = ~ref.isnan()
+    assert torch.equal(ref[finite], got[finite]) and torch.equal(ref.signbit(), got.signbit())  # -0 too
+    x = (torch.randn(2, 3, 5, 7) * fmt.max / 4).to(fmt.dtype)  # any shape, the codes in their places
+    assert torch.equal(widen(x), x.float()) and widen(x).dtype == torch.float32
 
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
