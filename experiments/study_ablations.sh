@@ -25,7 +25,7 @@ for c in combos:
 fi
 OUT=results/ablation-study
 RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.2 --nesterov --momentum 0.9 --weight-decay 5e-4
-        --batch-size 64 --label-smoothing 0.1 --test-time-flip)
+        --batch-size 64 --label-smoothing 0.1 --crop-padding 2 --test-time-flip)
 COMMON=(--models resnet20 --seeds 0 1 --epochs 8 --subset 10000 --device cpu
         --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --out "$OUT" --no-report)
 VARIANTS=(

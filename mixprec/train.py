@@ -290,7 +290,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     macs = count_macs(model, image_size=splits.train[0].shape[-1])  # on a meta copy of the FP32 model
     precision = setup_precision(cfg, model, device)
     train_loader = CifarLoader(*splits.train, cfg.batch_size, train=True, device=device, seed=cfg.seed,
-                               memory_format=memory_format, rank=distributed.rank(), world_size=world)
+                               pad=cfg.crop_padding, memory_format=memory_format, rank=distributed.rank(), world_size=world)
     # evaluation: each rank its contiguous shard of the split, gathered in evaluate()
     val_loader, test_loader = (
         CifarLoader(images[distributed.shard(len(labels))], labels[distributed.shard(len(labels))], EVAL_BATCH_SIZE,

@@ -143,3 +143,25 @@ def test_test_time_flip_is_off_by_default_and_a_flag():
 
     assert RunConfig(mode="baseline").test_time_flip is False
     assert parse_args(["--mode", "baseline", "--test-time-flip"]).test_time_flip is True
+
+
+def test_crop_padding_is_an_option_checked_and_used_by_the_training_loader(monkeypatch, tiny_cifar):
+    from mixprec import train as train_module
+    from mixprec.config import parse_args
+
+    assert RunConfig(mode="baseline").crop_padding == 4 and parse_args(["--mode", "baseline"]).crop_padding == 4
+    assert parse_args(["--mode", "baseline", "--crop-padding", "2"]).crop_padding == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UsageError, match="--crop-padding must be a non-negative integer"):
+            RunConfig(mode="baseline", crop_padding=bad)
+    pads = []
+    original = train_module.CifarLoader
+
+    def spy(*args, **kw):
+        loader = original(*args, **kw)
+        pads.append((loader.train, loader.pad))
+        return loader
+
+    monkeypatch.setattr(train_module, "CifarLoader", spy)
+    _train(tiny_cifar, mode="baseline", crop_padding=2)
+    assert (True, 2) in pads and (True, 4) not in pads
