@@ -1,0 +1,320 @@
+"""One function per figure, each returning a matplotlib Figure (or None when it has nothing to show), and
+:func:`write_figures`. matplotlib's object-oriented API: no pyplot state, so nothing leaks between figures.
+Imports :mod:`.runs`, :mod:`.groups` and :mod:`.tables`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..results import write_figure
+from .groups import Group
+from .runs import Run
+from .tables import MIB, _float, _on_cpu
+
+MEMORY_ROLES = ("weights", "master_weights", "grads", "optimizer_state", "activations")
+DPI = 150
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _by_model(groups: list[Group]) -> dict[str, list[Group]]:
+    out: dict[str, list[Group]] = {}
+    for g in groups:
+        out.setdefault(g.model, []).append(g)
+    return out
+
+
+def normalized_confusion(group: Group) -> np.ndarray:
+    """The confusion matrix summed over seeds, each row (true class) divided by its count."""
+    cm = sum(np.asarray(r.summary["confusion_matrix"], dtype=float) for r in group.runs)
+    totals = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+
+
+def confusion_figure(groups: list[Group]):
+    """One normalized confusion matrix per group: rows of panels = models, columns = its groups."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    classes = list(groups[0].runs[0].summary["per_class_accuracy"])
+    per_model = _by_model(groups)
+    ncols = max(map(len, per_model.values()))
+    fig = _figure(4.8 * ncols + 1.0, 4.6 * len(per_model))
+    axes = fig.subplots(len(per_model), ncols, squeeze=False)
+    image = None
+    for row, model_groups in zip(axes, per_model.values()):
+        for ax, g in zip(row, model_groups):
+            cm = normalized_confusion(g)
+            shown = ConfusionMatrixDisplay(cm, display_labels=classes).plot(
+                ax=ax, values_format=".2f", colorbar=False, cmap="Blues", xticks_rotation=45,
+                im_kw={"vmin": 0.0, "vmax": 1.0}, text_kw={"fontsize": 6})
+            for (i, j), text in np.ndenumerate(shown.text_):  # contrast against the shared 0..1 scale
+                text.set_color("white" if cm[i, j] > 0.5 else "black")
+            ax.set_title(f"{g.title} (n={g.n})", fontsize=9)
+            ax.set_xlabel("predicted class")
+            ax.set_ylabel("true class")
+            ax.tick_params(labelsize=7)
+            for label in ax.get_xticklabels():  # rotated names end under their column
+                label.set(ha="right", rotation_mode="anchor")
+            image = shown.im_
+        for ax in row[len(model_groups):]:
+            ax.set_axis_off()
+    fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of the true class")
+    fig.suptitle("Test-set confusion matrices, summed over seeds, normalized per true class")
+    return fig
+
+
+def _palette(groups: list[Group]) -> dict[str, str]:
+    """One colour per mode label (the same in every model's panels); tab20 when tab10 would repeat."""
+    from matplotlib import colormaps
+
+    shorts = list(dict.fromkeys(g.short for g in groups))
+    cmap = colormaps["tab10" if len(shorts) <= 10 else "tab20"]
+    return {short: cmap(i % cmap.N) for i, short in enumerate(shorts)}
+
+
+def curves_figure(groups: list[Group]):
+    """Loss and accuracy per epoch: train solid, validation dashed, mean over seeds, min..max shaded."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    per_model, palette = _by_model(groups), _palette(groups)
+    fig = _figure(11.0, 3.6 * len(per_model))
+    axes = fig.subplots(len(per_model), 2, squeeze=False)
+    for (ax_loss, ax_acc), (model, model_groups) in zip(axes, per_model.items()):
+        epochs = pd.concat([r.epochs for g in model_groups for r in g.runs])["epoch"]
+        span = (epochs.min() - 0.5, epochs.max() + 0.5)  # a one-epoch run is still a readable point at 1
+        for g in model_groups:
+            epochs = pd.concat([r.epochs for r in g.runs])
+            for ax, metric, scale in ((ax_loss, "loss", 1.0), (ax_acc, "acc", 100.0)):
+                for split, style in (("train", "-"), ("val", "--")):
+                    stats = epochs.groupby("epoch")[f"{split}_{metric}"].agg(["mean", "min", "max"]) * scale
+                    ax.plot(stats.index, stats["mean"], style, color=palette[g.short], lw=1.5,
+                            marker="o" if len(stats) <= 15 else None, ms=3)
+                    if g.n > 1:
+                        ax.fill_between(stats.index, stats["min"], stats["max"], color=palette[g.short], alpha=0.15,
+                                        lw=0)
+        for ax, what, unit in ((ax_loss, "loss", "cross-entropy loss"), (ax_acc, "accuracy", "accuracy (%)")):
+            ax.set_title(f"{model}: {what}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(unit)
+            ax.set_xlim(span)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+            ax.grid(alpha=0.3)
+        handles = [Line2D([], [], color=palette[g.short], label=g.short) for g in model_groups]
+        handles += [Line2D([], [], color="0.3", ls="-", label="train"),
+                    Line2D([], [], color="0.3", ls="--", label="validation")]
+        ax_acc.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the data
+    return fig
+
+
+def time_to_accuracy_figure(groups: list[Group]):
+    """Validation accuracy against training wall-clock time (evaluation excluded), a panel per model: each
+    group's mean over seeds at the end of every epoch, with the seeds' min..max accuracy shaded. Time on a
+    CPU says nothing about a GPU (docs/gpu.md); each line is one environment's."""
+    from matplotlib.lines import Line2D
+
+    per_model, palette = _by_model(groups), _palette(groups)
+    ncols = min(2, len(per_model))
+    fig = _figure(6.4 * ncols, 3.8 * math.ceil(len(per_model) / ncols))
+    axes = fig.subplots(math.ceil(len(per_model) / ncols), ncols, squeeze=False).ravel()
+    for ax, (model, model_groups) in zip(axes, per_model.items()):
+        for g in model_groups:
+            curves = []
+            for r in g.runs:
+                e = r.epochs.sort_values("epoch")
+                curves.append(pd.DataFrame({"epoch": e["epoch"], "time": e["epoch_time_s"].cumsum(),
+                                            "acc": 100.0 * e["val_acc"]}))
+            stats = pd.concat(curves).groupby("epoch").agg(time=("time", "mean"), mean=("acc", "mean"),
+                                                           low=("acc", "min"), high=("acc", "max"))
+            ax.plot(stats["time"], stats["mean"], color=palette[g.short], lw=1.5,
+                    marker="o" if len(stats) <= 15 else None, ms=3)
+            if g.n > 1:
+                ax.fill_between(stats["time"], stats["low"], stats["high"], color=palette[g.short], alpha=0.15, lw=0)
+        ax.set_title(f"{model}: validation accuracy against training time")
+        ax.set_xlabel("training time (s, evaluation excluded)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(handles=[Line2D([], [], color=palette[g.short], label=f"{g.short} (n={g.n})") for g in model_groups],
+                  fontsize=8, loc="lower right")
+    for ax in axes[len(per_model):]:
+        ax.set_axis_off()
+    return fig
+
+
+def _skipped(steps: pd.DataFrame) -> pd.Series:
+    return steps["skipped"].astype(str).str.lower().isin(("true", "1", "1.0"))
+
+
+def has_loss_scale(group: Group) -> bool:
+    """Whether any of the group's runs recorded a loss scale (bfloat16 amp and baseline have none)."""
+    return group.mode != "baseline" and any(r.steps is not None and r.steps["loss_scale"].notna().any()
+                                            for r in group.runs)
+
+
+def loss_scale_figure(groups: list[Group]):
+    """The loss scale per optimizer step (log2 axis), one panel per model, environment and seed with the
+    scaled variants overlaid (GradScaler in amp, ours in manual), skipped steps as red crosses; None when no
+    group has a loss scale."""
+    from matplotlib.ticker import MaxNLocator
+
+    scaled = [g for g in groups if has_loss_scale(g)]
+    if not scaled:
+        return None
+    panels: dict[tuple, list[tuple[int, Group, Run]]] = {}
+    for i, g in enumerate(scaled):
+        for run in g.runs:
+            if run.steps is not None:
+                panels.setdefault((g.model, g.environment, run.seed), []).append((i, g, run))
+    environments = {g.environment for g in scaled}
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _figure(6.4 * ncols, 3.4 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, ((model, environment, seed), lines) in zip(axes, sorted(panels.items())):
+        marked = False
+        for i, g, run in lines:
+            steps = run.steps.dropna(subset=["loss_scale"])
+            ax.plot(steps["step"], steps["loss_scale"], color=f"C{i % 10}", lw=1.2, drawstyle="steps-post",
+                    ls="--" if g.mode == "amp" else "-", zorder=3 if g.mode == "amp" else 2,  # dashed on top: seen
+                    # where the two scalers agree
+                    label=g.label + (f" ({_scaler_name(g)})" if _scaler_name(g) else ""))
+            skipped = steps[_skipped(steps)]
+            if len(skipped):
+                ax.plot(skipped["step"], skipped["loss_scale"], "x", color="red", ms=6, mew=1.5,
+                        label=None if marked else "skipped step")
+                marked = True
+        ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_title(f"{model}, seed {seed}" + (f" ({environment})" if len(environments) > 1 else ""), fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss scale")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    return fig
+
+
+def _scaler_name(group: Group) -> str:
+    return {"amp": "torch.amp.GradScaler", "manual": "DynamicLossScaler"}.get(group.mode, "")
+
+
+def memory_means(group: Group) -> dict[str, float]:
+    """Mean MiB per memory role over the runs that measured it (0 where none did)."""
+    measured = [r.summary.get("memory") for r in group.runs if isinstance(r.summary.get("memory"), dict)]
+    return {role: float(np.mean([_float(m.get(role)) for m in measured])) / MIB if measured else 0.0
+            for role in MEMORY_ROLES}
+
+
+def memory_figure(groups: list[Group]):
+    """Left: a stacked bar per group of the mean memory by role; right: the mean peak memory."""
+    fig = _figure(11.5, 1.6 + 0.45 * len(groups))
+    ax_roles, ax_peak = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    y = np.arange(len(groups))
+    left = np.zeros(len(groups))
+    means = [memory_means(g) for g in groups]
+    for i, role in enumerate(MEMORY_ROLES):
+        widths = np.array([m[role] for m in means])
+        ax_roles.barh(y, widths, left=left, color=f"C{i}", label=role.replace("_", " "))
+        left += widths
+    ax_roles.set_yticks(y, [g.title for g in groups], fontsize=8)
+    ax_roles.invert_yaxis()
+    ax_roles.set_xlabel("MiB (mean over seeds, measured on the first training step)")
+    ax_roles.set_title("memory by role")
+    peaks = np.array([g.values("peak_memory_bytes").mean() / MIB for g in groups])
+    on_cpu = np.array([any(_on_cpu(r) for r in g.runs) for g in groups])
+    for mask, label, color in ((on_cpu, "peak RSS (CPU process)", "0.55"), (~on_cpu, "peak (device)", "0.25")):
+        if mask.any():
+            ax_peak.barh(y[mask], peaks[mask], color=color, label=label)
+    ax_peak.set_xlabel("MiB (mean over seeds)")
+    ax_peak.set_title("peak memory")
+    handles = [h for ax in (ax_roles, ax_peak) for h in ax.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=len(handles))  # below, off the bars
+    for ax in (ax_roles, ax_peak):
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+    return fig
+
+
+def has_fp8_telemetry(group: Group) -> bool:
+    """Whether any of the group's runs measured FP8 telemetry (``--manual-dtype float8``)."""
+    return any(r.steps is not None and "fp8_grad_scale" in r.steps and r.steps["fp8_grad_scale"].notna().any()
+               for r in group.runs)
+
+
+def fp8_figure(groups: list[Group]):
+    """FP8 telemetry per optimizer step: rows saturated fraction, flushed-to-zero fraction and scale (geometric
+    mean over the FP8 layers), columns weights, activations, gradients; one colour per group, one line per seed.
+    None when no group trained in FP8."""
+    from ..fp8 import ROLES, STATS
+
+    fp8 = [g for g in groups if has_fp8_telemetry(g)]
+    if not fp8:
+        return None
+    fig = _figure(13.0, 8.0)
+    axes = fig.subplots(len(STATS), len(ROLES), sharex=True, squeeze=False)
+    for i, g in enumerate(fp8):
+        for k, run in enumerate(r for r in g.runs if r.steps is not None):
+            steps = run.steps.dropna(subset=["fp8_grad_scale"])
+            for row, stat in enumerate(STATS):
+                for col, role in enumerate(ROLES):
+                    axes[row][col].plot(steps["step"], steps[f"fp8_{role}_{stat}"], color=f"C{i % 10}", lw=1,
+                                        label=g.title if k == 0 else None)
+    for col, role in enumerate(("weights (E4M3)", "activations (E4M3)", "gradients (E5M2)")):
+        axes[0][col].set_title(role, fontsize=10)
+        axes[-1][col].set_xlabel("optimizer step")
+        for row in range(len(STATS)):
+            ax = axes[row][col]
+            if row < 2:
+                ax.set_yscale("symlog", linthresh=1e-6)  # zero stays on the axis
+            else:
+                ax.set_yscale("log", base=2)
+            ax.grid(alpha=0.3)
+    for row, label in enumerate(("saturated fraction", "flushed-to-zero fraction", "scale (geometric mean)")):
+        axes[row][0].set_ylabel(label)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", fontsize=8,
+               ncols=min(4, len(fp8)))
+    return fig
+
+
+CAPTIONS = {
+    "confusion_matrices.png": "Test-set confusion matrices per group, summed over seeds and normalized per true "
+                              "class (each row sums to 1).",
+    "curves.png": "Training (solid) and validation (dashed) loss and accuracy per epoch, mean over seeds with the "
+                  "min..max range of the seeds shaded.",
+    "time_to_accuracy.png": "Validation accuracy against training wall-clock time (evaluation excluded) at the end "
+                            "of each epoch, mean over seeds with the min..max range of the seeds shaded. Times are "
+                            "those of the machine each group ran on; on a CPU they say nothing about a GPU.",
+    "loss_scale.png": "The loss scale at every optimizer step (log2 axis), one panel per seed: PyTorch's GradScaler "
+                      "(amp) and ours (manual) overlaid; red crosses mark the steps skipped on overflow.",
+    "memory.png": "Mean memory by role, measured on the first training step (left), and the mean peak memory "
+                  "(right; on a CPU the process's peak resident memory).",
+    "fp8.png": "FP8 telemetry (--manual-dtype float8) at the measured steps (every --telemetry-every): the fraction "
+               "of elements saturated (where a plain cast would have overflowed), the fraction flushed to zero "
+               "(nonzero in, zero out), over all FP8 layers, and the geometric mean of their scales, for weights "
+               "and activations (E4M3) and output gradients (E5M2, which include the loss scale).",
+}
+
+
+def write_figures(out: Path, groups: list[Group]) -> list[str]:
+    """Write the PNGs (dpi 150); return the names written (loss_scale.png only when a group has a scale)."""
+    written = []
+    for name, make in (("confusion_matrices.png", confusion_figure), ("curves.png", curves_figure),
+                       ("time_to_accuracy.png", time_to_accuracy_figure), ("loss_scale.png", loss_scale_figure),
+                       ("memory.png", memory_figure), ("fp8.png", fp8_figure)):
+        fig = make(groups)
+        if fig is None:
+            (out / name).unlink(missing_ok=True)  # an earlier report's figure would contradict this one
+            continue
+        write_figure(out / name, fig)
+        written.append(name)
+    return written

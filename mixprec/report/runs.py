@@ -1,0 +1,177 @@
+"""Finding, loading and validating run directories: a completed run as a :class:`Run`, any other as an
+:class:`Excluded` that says why it is not counted. The first module of the package: it imports none of the others."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import UsageError
+from ..results import read_json
+
+INFERENCE_CSV = "bench_infer.csv"  # python -m mixprec.bench_infer --out RESULTS_DIR/bench_infer.csv
+REQUIRED = {
+    "config.json": ("mode", "model", "seed"),
+    "env.json": ("torch", "device_name"),
+    "summary.json": ("test_accuracy", "train_time_s", "peak_memory_bytes", "per_class_accuracy", "confusion_matrix"),
+    "epochs.csv": ("epoch", "train_loss", "train_acc", "val_loss", "val_acc"),
+    "steps.csv": ("step", "loss_scale", "skipped"),
+    INFERENCE_CSV: ("image_size", "batch_size", "repeats", "mean_ms", "std_ms", "peak_memory_bytes"),
+}
+RERUN = "run `python -m mixprec.run --mode ...` or `python -m mixprec.study ...` first"
+
+
+@dataclass
+class Run:
+    """One completed run directory, read back."""
+
+    path: Path
+    config: dict
+    env: dict
+    summary: dict
+    epochs: pd.DataFrame
+    steps: pd.DataFrame | None = None
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+
+@dataclass
+class Excluded:
+    """A run directory that is not counted: ``status`` is the run's own (failed, interrupted...) or
+    ``unreadable`` for a corrupt or partial directory; ``reason`` says why, on one line."""
+
+    path: Path
+    status: str
+    reason: str
+
+
+class BadRun(Exception):
+    """A run directory that cannot be read; the message is the reason."""
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_json(path: Path, name: str) -> dict:
+    try:
+        obj = read_json(path / name)
+    except FileNotFoundError:
+        raise BadRun(f"no {name}") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadRun(f"{name} is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise BadRun(f"{name} is not a JSON object")
+    return obj
+
+
+def _require(obj: dict, name: str) -> dict:
+    missing = [k for k in REQUIRED[name] if obj.get(k) is None]
+    if missing:
+        raise BadRun(f"{name} lacks {', '.join(missing)}")
+    return obj
+
+
+def _read_csv(path: Path, name: str, required: bool) -> pd.DataFrame | None:
+    if not (path / name).exists() and not required:
+        return None
+    try:
+        frame = pd.read_csv(path / name)
+    except FileNotFoundError:
+        raise BadRun(f"no {name}") from None
+    except (OSError, ValueError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise BadRun(f"{name} cannot be read ({_one_line(e)})") from None
+    missing = [c for c in REQUIRED[name] if c not in frame.columns]
+    if missing:
+        raise BadRun(f"{name} lacks the column(s) {', '.join(missing)}")
+    text = [c for c in REQUIRED[name] if c != "skipped" and not pd.api.types.is_numeric_dtype(frame[c])]
+    if text:
+        raise BadRun(f"{name}: column(s) {', '.join(text)} hold text, not numbers")
+    if required and frame.empty:
+        raise BadRun(f"{name} has no rows")
+    return frame
+
+
+def _check_summary(s: dict) -> None:
+    """The numbers the report uses must be numbers: a hand-edited or truncated summary is unreadable."""
+    for key in ("test_accuracy", "train_time_s", "peak_memory_bytes"):
+        value = s[key]
+        if not _is_number(value) or not math.isfinite(value):
+            raise BadRun(f"summary.json: {key} is {value!r}, not a number")
+    classes = s["per_class_accuracy"]
+    cm = s["confusion_matrix"]
+    if not isinstance(classes, dict) or not classes or not all(map(_is_number, classes.values())):
+        raise BadRun("summary.json: per_class_accuracy is not a mapping of classes to accuracies")
+    if (not isinstance(cm, list) or len(cm) != len(classes)
+            or any(not isinstance(row, list) or len(row) != len(classes) or not all(map(_is_number, row))
+                   for row in cm)):
+        raise BadRun(f"summary.json: confusion_matrix is not {len(classes)} x {len(classes)} counts")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_run(path: Path) -> Run | Excluded:
+    """Read one run directory: a :class:`Run` when it completed, else an :class:`Excluded` saying why.
+
+    A failed or interrupted run needs only its summary; a completed one needs its config.json,
+    env.json and epochs.csv too, and steps.csv is read when present."""
+    path = Path(path)
+    try:
+        if not (path / "summary.json").exists():
+            raise BadRun("no summary.json (still running, or killed before it could write one)")
+        summary = _read_json(path, "summary.json")
+        status = summary.get("status")
+        if status is None:
+            raise BadRun("summary.json has no status")
+        if status != "completed":
+            return Excluded(path, str(status), _one_line(summary.get("error") or "no error recorded"))
+        if summary.get("test_accuracy") is None:
+            raise BadRun("summary.json says completed but has no test_accuracy")
+        _check_summary(_require(summary, "summary.json"))
+        config = _require(_read_json(path, "config.json"), "config.json")
+        env = _require(_read_json(path, "env.json"), "env.json")
+        epochs = _read_csv(path, "epochs.csv", required=True)
+        steps = _read_csv(path, "steps.csv", required=False)
+    except BadRun as e:
+        return Excluded(path, "unreadable", str(e))
+    return Run(path, config, env, summary, epochs, steps)
+
+
+def find_run_dirs(root: Path, skip: Path | None = None) -> list[Path]:
+    """Every directory under ``root`` (itself included) holding a config.json or a summary.json,
+    except ``skip`` and what is under it (the report's own output)."""
+    skip = skip.resolve() if skip is not None else None
+    found = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if (Path(here) / d).resolve() != skip)
+        if "config.json" in files or "summary.json" in files:
+            found.append(Path(here))
+    return sorted(found)
+
+
+def load_results(root: Path, skip: Path | None = None) -> tuple[list[Run], list[Excluded]]:
+    """All run directories under ``root``: the completed runs and the excluded ones.
+
+    Raises :class:`UsageError` when ``root`` is missing, not a directory, or holds no run directory."""
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"{root} does not exist: {RERUN}, then pass the directory they wrote to (their --out)")
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory: pass the directory that `python -m mixprec.run` or "
+                         "`python -m mixprec.study` wrote to (their --out, default results)")
+    dirs = find_run_dirs(root, skip)
+    if not dirs:
+        raise UsageError(f"{root} holds no run directories: {RERUN}")
+    runs, excluded = [], []
+    for d in dirs:
+        loaded = load_run(d)
+        (runs if isinstance(loaded, Run) else excluded).append(loaded)
+    return runs, excluded

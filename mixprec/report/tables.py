@@ -1,0 +1,317 @@
+"""Statistics over seeds (means, Welch's t-test, time and memory ratios against the baseline) and the tables:
+comparison, grid, per-class accuracy and inference, as pandas frames, markdown and CSV. Imports :mod:`.runs` and
+:mod:`.groups`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..results import write_csv, write_text
+from .groups import Group, _rank, _show, find_baseline, machine_label
+from .runs import INFERENCE_CSV, BadRun, Run, _read_csv
+
+GRID = ("lr", "momentum", "weight_decay")
+MIB = 2**20
+
+
+def welch(a, b) -> tuple[float, float, float]:
+    """Welch's t-test (unequal variances) of mean(a) - mean(b): the two-sided p-value and the 95% confidence
+    interval of the difference (Welch-Satterthwaite degrees of freedom); NaNs unless both sides have n >= 2."""
+    from scipy.stats import ttest_ind
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan, math.nan
+    with warnings.catch_warnings():  # identical samples: scipy warns and returns NaN, which is the answer
+        warnings.simplefilter("ignore", RuntimeWarning)
+        test = ttest_ind(a, b, equal_var=False)
+        ci = test.confidence_interval(0.95)
+        return float(test.pvalue), float(ci.low), float(ci.high)
+
+
+def group_stats(group: Group) -> dict:
+    """Means and sample standard deviations (ddof=1, NaN for one seed) over the group's seeds."""
+    acc, time_s = group.values("test_accuracy"), group.values("train_time_s")
+    peak = group.values("peak_memory_bytes") / MIB
+    return {
+        "n": group.n,
+        "seeds": ",".join(str(r.seed) for r in group.runs),
+        "test_accuracy_mean": acc.mean(), "test_accuracy_std": acc.std(),
+        "train_time_s_mean": time_s.mean(), "train_time_s_std": time_s.std(),
+        "images_per_s_mean": group.values("images_per_s").mean(),
+        "peak_memory_mib_mean": peak.mean(), "peak_memory_mib_std": peak.std(),
+        "skipped_steps_mean": group.values("skipped_steps").mean(),
+        "final_loss_scale_mean": group.values("final_loss_scale").mean(),
+    }
+
+
+def paired_runs(group: Group, base: Group) -> list[tuple[Run, Run]]:
+    """``(run, baseline run)`` for each of ``group``'s runs that has a baseline run of the same seed on the same
+    machine: the only pairs whose time and memory may be compared."""
+    pairs = []
+    for run in group.runs:
+        match = next((b for b in base.runs if b.seed == run.seed and machine_label(b.env) == machine_label(run.env)),
+                     None)
+        if match is not None:
+            pairs.append((run, match))
+    return pairs
+
+
+def paired_ratios(group: Group, base: Group) -> dict:
+    """Speedup (the baseline's mean training time over this group's) and memory ratio (this group's mean peak
+    over the baseline's), over the seeds paired on the same machine, and the machines they were measured on."""
+    pairs = paired_runs(group, base)
+    if not pairs:
+        return {"speedup_vs_baseline": math.nan, "memory_ratio_vs_baseline": math.nan, "ratios_measured_on": ""}
+    total = lambda key, side: sum(_float(p[side].summary.get(key)) for p in pairs)  # noqa: E731
+    machines = pd.Series([machine_label(run.env) for run, _ in pairs]).value_counts(sort=False)
+    return {"speedup_vs_baseline": total("train_time_s", 1) / total("train_time_s", 0),
+            "memory_ratio_vs_baseline": total("peak_memory_bytes", 0) / total("peak_memory_bytes", 1),
+            "ratios_measured_on": "; ".join(f"{m} (seeds: {n})" for m, n in machines.items())}
+
+
+def comparison_table(groups: list[Group]) -> pd.DataFrame:
+    """One row per group with raw numbers (fractions, seconds, MiB); the comparison with its baseline
+    is NaN where there is none. Accuracy is compared over all seeds of the environment; time and memory
+    only between runs of the same seed on the same machine (:func:`paired_ratios`)."""
+    rows = []
+    for g in groups:
+        stats, base = group_stats(g), find_baseline(g, groups)
+        row = {"model": g.model, "mode": g.label, **g.columns, **stats}
+        if base is not None:
+            b = group_stats(base)
+            row.update(paired_ratios(g, base))
+            if base is not g:
+                row["accuracy_diff_pp"] = 100 * (stats["test_accuracy_mean"] - b["test_accuracy_mean"])
+                p, low, high = welch(g.values("test_accuracy"), base.values("test_accuracy"))
+                row["accuracy_diff_ci95_low_pp"], row["accuracy_diff_ci95_high_pp"] = 100 * low, 100 * high
+                row["welch_p"] = p
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for col in ("speedup_vs_baseline", "memory_ratio_vs_baseline", "accuracy_diff_pp", "accuracy_diff_ci95_low_pp",
+                "accuracy_diff_ci95_high_pp", "welch_p"):
+        if col not in table:
+            table[col] = math.nan
+    if "ratios_measured_on" not in table:
+        table["ratios_measured_on"] = ""
+    table["ratios_measured_on"] = table["ratios_measured_on"].fillna("")
+    order = [c for c in table.columns if c not in ("skipped_steps_mean", "final_loss_scale_mean")]
+    return table[order + ["skipped_steps_mean", "final_loss_scale_mean"]]
+
+
+def _num(value, spec: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _pm(mean, std, spec: str) -> str:
+    """``mean ± std``, or the mean alone when there is no std (one seed)."""
+    if _num(mean, spec) == "":
+        return ""
+    return format(mean, spec) + ("" if _num(std, spec) == "" else f" ± {std:{spec}}")
+
+
+def _loss_scales(group: Group) -> str:
+    values = sorted(set(group.values("final_loss_scale")))
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def comparison_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
+    """The comparison table formatted for reading (accuracy in %, 2 decimals), with its notes."""
+    extra = [c for c in table.columns if c in groups[0].columns]
+    shown = pd.DataFrame({
+        "model": table["model"], "mode": table["mode"], **{c: table[c] for c in extra}, "n": table["n"],
+        "test accuracy (%)": [_pm(m * 100, s * 100, ".2f")
+                              for m, s in zip(table["test_accuracy_mean"], table["test_accuracy_std"])],
+        "train time (s)": [_pm(m, s, ".2f") for m, s in zip(table["train_time_s_mean"], table["train_time_s_std"])],
+        "images/s": [_num(v, ".1f") for v in table["images_per_s_mean"]],
+        "peak memory (MiB)": [_pm(m, s, ".1f")
+                              for m, s in zip(table["peak_memory_mib_mean"], table["peak_memory_mib_std"])],
+        "speedup vs baseline": [_num(v, ".2f") for v in table["speedup_vs_baseline"]],
+        "memory vs baseline": [_num(v, ".2f") for v in table["memory_ratio_vs_baseline"]],
+        "ratios measured on": table["ratios_measured_on"],
+        "accuracy vs baseline (pp)": [_num(v, "+.2f") for v in table["accuracy_diff_pp"]],
+        "95% CI (pp)": ["" if _num(lo, ".2f") == "" else f"[{lo:+.2f}, {hi:+.2f}]"
+                        for lo, hi in zip(table["accuracy_diff_ci95_low_pp"], table["accuracy_diff_ci95_high_pp"])],
+        "Welch p": [_num(v, ".3g") for v in table["welch_p"]],
+        "skipped steps": [_num(v, "g") for v in table["skipped_steps_mean"]],
+        "final loss scale": [_loss_scales(g) for g in groups],
+    })
+    return markdown_table(shown) + "\n\n" + "\n".join(f"- {note}" for note in comparison_notes(groups)) + "\n"
+
+
+def comparison_notes(groups: list[Group]) -> list[str]:
+    """What the columns mean, and every place where one seed leaves a number without its uncertainty."""
+    notes = [("Mean ± sample standard deviation over seeds (n). Speedup is the baseline's mean training time over "
+              "this mode's and memory this mode's mean peak over the baseline's, both only over the seeds that ran "
+              "in both modes on the same machine (named under 'ratios measured on'); accuracies are pooled over "
+              "all the environment's runs, whatever CPU model ran them (CPU and CUDA runs never). The accuracy "
+              "difference is in "
+              "percentage points, with the 95% confidence interval of the difference and the two-sided p-value of "
+              "Welch's t-test of the test accuracies over seeds (Welch-Satterthwaite degrees of freedom). The "
+              "baseline is the one with the same model, environment and training settings.")]
+    if any(g.mode == "amp" and g.setting.get("half_compute") == "emulated" for g in groups):
+        notes.append("amp with half_compute emulated (the CPU default) is torch.autocast to its dtype with "
+                     "torch.amp.GradScaler for float16, its convolutions, linears and matmuls computed as emulated "
+                     "tensor-core arithmetic (half operands, FP32 accumulation): the same recipe as on a GPU, at "
+                     "FP32's speed. amp (bfloat16) runs have no loss scaler.")
+    for g in groups:
+        base = find_baseline(g, groups)
+        if base is not None and base is not g and 0 < len(paired_runs(g, base)) < g.n:
+            notes.append(f"{g.title}: time and memory ratios from {len(paired_runs(g, base))} of its {g.n} seeds, the "
+                         "ones with a baseline run of the same seed on the same machine.")
+        elif base is not None and base is not g and not paired_runs(g, base):
+            notes.append(f"{g.title}: no baseline run of the same seed on the same machine, so no time or memory "
+                         "ratio.")
+        if g.n == 1:
+            against = "" if base is None or base is g else ", and no p-value against its baseline"
+            notes.append(f"n = 1: no uncertainty can be given for {g.title}: one seed gives no standard "
+                         f"deviation{against}.")
+        elif base is not None and base is not g and base.n == 1:
+            notes.append(f"n = 1: no uncertainty can be given for the difference between {g.title} and its "
+                         f"baseline, which has one seed: there is no p-value.")
+        if base is None:
+            notes.append(f"No baseline with the same model, environment and training settings for {g.title}: "
+                         "it has no speedup, memory ratio or accuracy difference.")
+    if any(_on_cpu(r) for g in groups for r in g.runs):
+        notes.append("On a CPU, peak memory is the process's peak resident memory (RSS, including the Python "
+                     "interpreter and libraries): it is not comparable with CUDA's max_memory_allocated.")
+    return notes
+
+
+def _on_cpu(run: Run) -> bool:
+    return str(run.summary.get("device") or run.env.get("device_type")).startswith("cpu")
+
+
+def _final_val_accuracy(run: Run) -> float:
+    value = run.summary.get("final_val_accuracy")
+    return float(run.epochs["val_acc"].iloc[-1]) if value is None else float(value)
+
+
+def grid_table(groups: list[Group]) -> pd.DataFrame | None:
+    """Long format, one row per (mode, other varying settings, lr, momentum, weight decay, model):
+    n, mean final validation accuracy, and ``best``: the best combination of lr, momentum and weight
+    decay for its model and mode, chosen by validation accuracy. None unless the runs vary lr,
+    momentum or weight decay."""
+    if all(len({g.setting.get(k) for g in groups}) <= 1 for k in GRID):
+        return None
+    rows = []
+    for g in groups:
+        others = {k: v for k, v in g.columns.items() if k not in GRID}
+        rows.append({"mode": g.label, **others, **{k: g.setting.get(k) for k in GRID}, "model": g.model,
+                     "n": g.n, "val_accuracy_mean": float(np.mean([_final_val_accuracy(r) for r in g.runs]))})
+    table = pd.DataFrame(rows)
+    selection = [c for c in table.columns if c not in (*GRID, "model", "n", "val_accuracy_mean")] + ["model"]
+    best = table.groupby(selection, dropna=False, sort=False)["val_accuracy_mean"].transform("max")
+    table["best"] = table["val_accuracy_mean"] == best
+    return table
+
+
+def grid_markdown(table: pd.DataFrame) -> str:
+    """The grid as rows = combinations, columns = models (as the EfficientNet thesis's 3 x 3 x 3 table)."""
+    combo = [c for c in table.columns if c not in ("model", "n", "val_accuracy_mean", "best")]
+    models = list(dict.fromkeys(table["model"]))
+    rank = {label: i for i, label in enumerate(dict.fromkeys(table["mode"]))}
+    cells = {}
+    for key, model, mean, best in zip(table[combo].itertuples(index=False), table["model"],
+                                      table["val_accuracy_mean"], table["best"]):
+        key = tuple(None if isinstance(v, float) and math.isnan(v) else v for v in key)  # NaN != NaN as a key
+        cells[key, model] = f"**{100 * mean:.2f}**" if best else f"{100 * mean:.2f}"
+    keys = sorted(dict.fromkeys(key for key, _ in cells), key=lambda k: (rank[k[0]], *(_rank(v) for v in k[1:])))
+    rows = [{**dict(zip(combo, key)), **{m: cells.get((key, m), "") for m in models}} for key in keys]
+    return (markdown_table(pd.DataFrame(rows)) + "\n\n"
+            "Cells: mean final validation accuracy (%) over seeds. Bold: the best lr, momentum and weight decay "
+            "for each model and mode, selected by validation accuracy, never by test accuracy. grid.csv holds "
+            "the same cells in long format, one row per cell, with n and a boolean `best`.\n")
+
+
+def per_class_table(groups: list[Group]) -> pd.DataFrame:
+    """Mean per-class test accuracy (fractions) per group: rows = classes in the runs' order, then "all"."""
+    classes = list(groups[0].runs[0].summary["per_class_accuracy"])
+    data = {}
+    for g in groups:
+        per_class = [float(np.nanmean([_float(r.summary["per_class_accuracy"].get(c)) for r in g.runs]))
+                     for c in classes]
+        data[g.title] = per_class + [g.values("test_accuracy").mean()]
+    return pd.DataFrame(data, index=pd.Index(classes + ["all"], name="class")).reset_index()
+
+
+def _float(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def per_class_markdown(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    for col in shown.columns[1:]:
+        shown[col] = [_num(100 * v, ".2f") for v in shown[col]]
+    return (markdown_table(shown) + "\n\n"
+            "Cells: mean test accuracy (%) per true class over seeds; \"all\" is the overall test accuracy.\n")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table of ``frame`` with aligned columns (pandas' to_markdown needs tabulate,
+    which the study does not install). Missing values are empty cells."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return (_show(value) if isinstance(value, (float, tuple)) else str(value)).replace("|", "\\|")
+
+    header = [cell(c) for c in frame.columns]
+    rows = [[cell(v) for v in row] for row in frame.itertuples(index=False)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def inference_table(root: Path) -> pd.DataFrame | None:
+    """``root/bench_infer.csv`` (the inference benchmark's rows), or None if there is none. Raises
+    :class:`BadRun` if it cannot be read."""
+    frame = _read_csv(root, INFERENCE_CSV, required=False)
+    if frame is None:
+        return None
+    missing = [c for c in ("model", "mode", "dtype", "device_name", "memory_measure") if c not in frame.columns]
+    if missing or frame.empty:
+        raise BadRun(f"{INFERENCE_CSV} lacks the column(s) {', '.join(missing)}" if missing
+                     else f"{INFERENCE_CSV} has no rows")
+    return frame
+
+
+def inference_markdown(frame: pd.DataFrame) -> str:
+    """One row per benchmarked model x mode, in the CSV's order: latency mean ± std, speed-up and peak."""
+    shown = pd.DataFrame({
+        "model": frame["model"], "mode": frame["mode"], "precision": frame["dtype"],
+        "input": [f"{b} x {s}x{s}" for b, s in zip(frame.batch_size, frame.image_size)],
+        "latency (ms)": [_pm(m, s, ".2f") for m, s in zip(frame.mean_ms, frame.std_ms)],
+        "speedup vs FP32": frame.get("speedup_vs_fp32", pd.Series(math.nan, index=frame.index)).map(
+            lambda v: _num(v, ".2f")),
+        "peak (MiB)": (frame.peak_memory_bytes / MIB).map(lambda v: _num(v, ",.0f")),
+        "memory measure": frame["memory_measure"], "device": frame["device_name"], "repeats": frame["repeats"]})
+    return (f"From `{INFERENCE_CSV}` (`python -m mixprec.bench_infer`): latency per forward pass over the "
+            "repeats, after the warm-up passes.\n\n" + markdown_table(shown))
+
+
+def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
+    """Write comparison, grid (when there is one) and per-class tables as .csv and .md; return the markdown."""
+    comparison = comparison_table(groups)
+    write_csv(out / "comparison.csv", comparison)
+    sections = {"comparison": comparison_markdown(comparison, groups)}
+    grid = grid_table(groups)
+    if grid is not None:
+        write_csv(out / "grid.csv", grid)
+        sections["grid"] = grid_markdown(grid)
+    else:  # a grid from an earlier report would contradict this one
+        for stale in ("grid.md", "grid.csv"):
+            (out / stale).unlink(missing_ok=True)
+    per_class = per_class_table(groups)
+    write_csv(out / "per_class_accuracy.csv", per_class)
+    sections["per_class_accuracy"] = per_class_markdown(per_class)
+    for name, text in sections.items():
+        write_text(out / f"{name}.md", text)
+    return sections
