@@ -13,7 +13,8 @@ from .runs import Run
 IGNORED = ("seed", "out", "data", "device")  # differ between the seeds or copies of one setting
 TRAINING = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "subset", "test_subset",
             "accumulate", "clip_grad_norm", "deterministic", "tf32", "compile", "pretrained",
-            "channels_last", "warmup_epochs", "label_smoothing", "nesterov", "test_time_flip")  # a baseline must match these
+            "channels_last", "warmup_epochs", "label_smoothing", "nesterov", "test_time_flip",
+            "crop_padding")  # a baseline must match these
 LABELLED = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype", "inject_overflow")
 
 
