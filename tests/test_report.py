@@ -406,3 +406,25 @@ def test_report_of_a_real_tiny_study(tiny_cifar, tmp_path, capsys):
     column = per_class["resnet20 / manual"]
     assert column["all"] == pytest.approx(manual["test_accuracy"])
     assert column[CLASSES[3]] == pytest.approx(manual["per_class_accuracy"][CLASSES[3]])
+
+
+def test_telemetry_table_lists_skips_per_seed_and_means_over_measured_steps(tmp_path, capsys):
+    make_run(tmp_path, "b0", mode="baseline")
+    m0 = make_run(tmp_path, "m0", mode="manual", loss_scales=[4.0, 2.0, 1.0, 1.0], skipped=(2, 3))
+    m1 = make_run(tmp_path, "m1", mode="manual", seed=1, loss_scales=[4.0] * 4)
+    for run, underflow, lost in ((m0, [0.1, None, None, 0.3], None), (m1, [0.2, None, None, None], [0.5] * 4)):
+        steps = pd.read_csv(run / "steps.csv")
+        steps["grad_underflow_frac"] = underflow  # NaN: a step that measured nothing
+        if lost is not None:
+            steps["update_lost_frac"] = lost
+        write_csv(run / "steps.csv", steps)
+    out, _, _ = report(tmp_path, capsys)
+    rows = md_rows((out / "telemetry.md").read_text())
+    assert [r["mode"] for r in rows] == ["baseline", "manual"]
+    manual = rows[1]
+    assert manual["skipped steps"] == "seed 0: 2 (steps 2, 3); seed 1: 0"
+    assert manual["gradients below FP16 normal unscaled (%)"] == "20"  # mean of 0.1, 0.3, 0.2: NaNs left out
+    assert manual["updates lost to rounding (%)"] == "50"  # from the one seed that has the column
+    assert rows[0]["updates lost to rounding (%)"] == "" and "FP8 gradients flushed to 0 (%)" not in manual
+    assert "## Skipped steps and precision telemetry" in (out / "report.md").read_text()
+    assert list(pd.read_csv(out / "telemetry.csv")["update_lost_frac"].isna()) == [True, False]

@@ -53,7 +53,7 @@ def report_markdown(root: Path, runs: list[Run], groups: list[Group], excluded: 
         lines += ["", f"{len(excluded)} run director{'y' if len(excluded) == 1 else 'ies'} not counted:", ""]
         lines += [f"- `{_relative(e.path, root)}`: {e.status}: {e.reason}" for e in excluded]
     titles = {"comparison": "Comparison with the baseline", "grid": "Hyperparameter grid",
-              "per_class_accuracy": "Per-class test accuracy", "inference": "Inference latency and memory"}
+              "telemetry": "Skipped steps and precision telemetry", "per_class_accuracy": "Per-class test accuracy", "inference": "Inference latency and memory"}
     for name, text in sections.items():
         lines += ["", f"## {titles[name]}", "", text.rstrip()]
     lines += ["", "## Figures"]

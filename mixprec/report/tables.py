@@ -297,8 +297,60 @@ def inference_markdown(frame: pd.DataFrame) -> str:
             "repeats, after the warm-up passes.\n\n" + markdown_table(shown))
 
 
+# steps.csv column -> the telemetry table's name for its mean over the measured steps (every --telemetry-every)
+TELEMETRY = {
+    "grad_zero_frac": "zero half gradients",
+    "grad_underflow_frac": "gradients below FP16 normal unscaled",
+    "fp8_grad_flushed_frac": "FP8 gradients flushed to 0",
+    "fp8_activation_saturated_frac": "FP8 activations saturated",
+    "update_lost_frac": "updates lost to rounding",
+    "decay_lost_frac": "weight decays lost to rounding",
+}
+SHOWN_SKIPS = 5  # skipped steps listed per seed
+
+
+def _skips(run: Run) -> str:
+    if run.steps is None or "skipped" not in run.steps:
+        return ""
+    steps = run.steps.loc[run.steps["skipped"].astype(str) == "True", "step"].astype(int).tolist()
+    shown = ", ".join(map(str, steps[:SHOWN_SKIPS])) + (", ..." if len(steps) > SHOWN_SKIPS else "")
+    return f"seed {run.seed}: {len(steps)}" + (f" (steps {shown})" if steps else "")
+
+
+def telemetry_table(groups: list[Group]) -> pd.DataFrame | None:
+    """One row per group: skipped steps, and when, per seed; and each :data:`TELEMETRY` column's mean over the
+    measured steps of all its seeds (fractions of elements). None when no run measured anything."""
+    rows = []
+    for g in groups:
+        frames = [r.steps for r in g.runs if r.steps is not None]
+        row = {"model": g.model, "mode": g.label, **g.columns, "n": g.n,
+               "skipped_steps": "; ".join(filter(None, map(_skips, g.runs)))}
+        for col in TELEMETRY:
+            columns = [pd.to_numeric(f[col], errors="coerce") for f in frames if col in f]
+            values = pd.concat(columns).dropna() if columns else pd.Series(dtype=float)
+            row[col] = values.mean() if len(values) else math.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return None if table[list(TELEMETRY)].isna().all().all() else table
+
+
+def telemetry_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
+    extra = [c for c in table.columns if c in groups[0].columns]
+    shown = pd.DataFrame({"model": table["model"], "mode": table["mode"], **{c: table[c] for c in extra},
+                          "n": table["n"], "skipped steps": table["skipped_steps"],
+                          **{f"{name} (%)": [_num(100 * v, ".3g") for v in table[col]]
+                             for col, name in TELEMETRY.items() if table[col].notna().any()}})
+    return ("Skipped optimizer steps per seed, and the telemetry's means over the measured steps (`steps.csv`, "
+            "every `--telemetry-every` steps), as percentages of the elements: exact zeros in the half gradients "
+            "backward produced; unscaled gradients below FP16's smallest normal, 2^-14 (what FP16 would lose "
+            "without loss scaling); FP8 gradients flushed to zero and activations saturated; without master "
+            "weights, nonzero SGD updates and weight decays that rounding to the weights' precision swallowed. "
+            "Blank: not measured in that mode.\n\n" + markdown_table(shown))
+
+
 def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
-    """Write comparison, grid (when there is one) and per-class tables as .csv and .md; return the markdown."""
+    """Write comparison, grid (when there is one), telemetry (when any run measured) and per-class tables as
+    .csv and .md; return the markdown."""
     comparison = comparison_table(groups)
     write_csv(out / "comparison.csv", comparison)
     sections = {"comparison": comparison_markdown(comparison, groups)}
@@ -308,6 +360,13 @@ def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
         sections["grid"] = grid_markdown(grid)
     else:  # a grid from an earlier report would contradict this one
         for stale in ("grid.md", "grid.csv"):
+            (out / stale).unlink(missing_ok=True)
+    telemetry = telemetry_table(groups)
+    if telemetry is not None:
+        write_csv(out / "telemetry.csv", telemetry)
+        sections["telemetry"] = telemetry_markdown(telemetry, groups)
+    else:
+        for stale in ("telemetry.md", "telemetry.csv"):
             (out / stale).unlink(missing_ok=True)
     per_class = per_class_table(groups)
     write_csv(out / "per_class_accuracy.csv", per_class)
