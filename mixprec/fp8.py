@@ -77,7 +77,7 @@ def scaled_cast(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> torch.T
     """``cast(clamp(x * scale, -max, max))`` to ``fmt``: finite values saturate at the format's max instead
     of becoming NaN (E4M3) or inf (E5M2), as an H100's saturating conversion does; NaN stays NaN. The
     product is taken in FP32 (exact widening of a half ``x``), so the only rounding is the cast's."""
-    return (x.float() * scale).clamp_(-fmt.max, fmt.max).to(fmt.dtype)
+    return x.to(torch.float32, copy=True).mul_(scale).clamp_(-fmt.max, fmt.max).to(fmt.dtype)
 
 
 _WIDEN: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
