@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mixprec.config import RunConfig, UsageError
+from mixprec.cli import UsageError
+from mixprec.config import RunConfig
 from mixprec.data import CifarLoader, load_cifar10, make_splits
 from mixprec.device import device_name
 from mixprec.models import build_model

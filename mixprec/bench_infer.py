@@ -117,10 +117,11 @@ def bench(model_name: str, mode: str, device, image_size: int = 750, batch_size:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import _OneLineParser, add_precision_options
+    from .cli import OneLineParser
+    from .config import add_precision_options
     from .models import MODELS
 
-    p = _OneLineParser(prog="python -m mixprec.bench_infer",
+    p = OneLineParser(prog="python -m mixprec.bench_infer",
                        description="Inference latency (mean ± std ms) and peak memory of models, FP32 against half "
                        "precision, one CSV row per model and mode (as Frankola 2022 timed one 750x750 image).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option} must be at least {least}, got {value}")
     import pandas as pd
 
-    from .config import UsageError
+    from .cli import UsageError
     from .device import resolve_device
     from .results import write_csv
 

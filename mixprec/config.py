@@ -14,6 +14,9 @@ import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from .cli import OneLineParser, UsageError
+from .models import MODELS, has_pretrained
+
 MODES = ("baseline", "amp", "manual")
 SCHEDULES = ("step", "cosine", "cosine-restarts")
 DEVICES = ("auto", "cpu", "cuda")
@@ -23,10 +26,6 @@ MANUAL_DTYPES = ("float16", "bfloat16", "float8")
 FP8_SCALINGS = ("delayed", "current")
 ON_MIN_SCALE = ("raise", "skip")
 RESUME_MAY_CHANGE = ("data",)  # options that --resume lets differ from the run's own
-
-
-class UsageError(Exception):
-    """Bad input from the user. The CLI prints its message as one line and exits 2."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,6 @@ class RunConfig:
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
-        from .models import MODELS, has_pretrained
-
         for option, value, allowed in (("mode", self.mode, MODES), ("model", self.model, tuple(MODELS)),
                                        ("schedule", self.schedule, SCHEDULES), ("device", self.device, DEVICES),
                                        ("amp-dtype", self.amp_dtype, AMP_DTYPES),
@@ -157,13 +154,6 @@ class RunConfig:
             raise UsageError("--inject-overflow-rank takes a rank (0, 1, ...) and needs --inject-overflow")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr (no usage dump) and exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def add_precision_options(p: argparse.ArgumentParser) -> None:
     """``--device``, ``--amp-dtype`` and ``--half-compute``: defined here once, for ``mixprec.run`` and
     ``mixprec.bench_infer`` alike."""
@@ -181,9 +171,7 @@ def add_precision_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import MODELS
-
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="python -m mixprec.run",
         description="Train one CNN on CIFAR-10 in one precision mode and write a run directory "
         "(config.json, env.json, epochs.csv, confusion_matrix.csv, summary.json).",

@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import MODES, RunConfig, UsageError, _OneLineParser
+from .cli import OneLineParser as _OneLineParser
+from .cli import UsageError
+from .config import MODES, RunConfig
 from .results import read_json, write_csv, write_figure, write_text
 
 PROG = "python -m mixprec.report"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import UsageError
+from .cli import UsageError
 from .device import device_name
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import UsageError, parse_command
+from .cli import UsageError
+from .config import parse_command
 from .results import write_json
 
 PROG = "python -m mixprec.run"

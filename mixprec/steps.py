@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import RunConfig, UsageError
+from .cli import UsageError
+from .config import RunConfig
 from .fp8 import Fp8Recipe, Fp8Training
 from .halfops import EmulatedAutocast, emulated_half_compute
 from .master import MasterWeights, half_with_fp32_norm_

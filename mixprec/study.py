@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import MODES, UsageError, _OneLineParser, config_from_json, parse_command
+from .cli import OneLineParser, UsageError
+from .config import MODES, config_from_json, parse_command
 
 PROG = "python -m mixprec.study"
 VARIED = ("--mode", "--model", "--seed", "--lr", "--momentum", "--weight-decay", "--resume")
@@ -47,7 +48,7 @@ class Combination:
 def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
 
-    p = _OneLineParser(prog=PROG, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog=PROG, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Run every combination of models x modes x seeds (x the lr, momentum and "
                        "weight-decay values) with python -m mixprec.run, each in its own process, skipping "
                        "combinations already completed, then write the report (python -m mixprec.report).",

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from . import device as dev
 from . import distributed
-from .config import RunConfig, UsageError
+from .cli import UsageError
+from .config import RunConfig
 from .data import CifarLoader, Splits
 from .fp8 import COLUMNS as FP8_COLUMNS
 from .memory import SavedTensorBytes, breakdown

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from mixprec import models
-from mixprec.config import RunConfig, UsageError
+from mixprec.cli import UsageError
+from mixprec.config import RunConfig
 from mixprec.data import load_cifar10, make_splits
 from mixprec.steps import setup_precision
 from mixprec.train import train

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixprec import data as data_mod
-from mixprec.config import UsageError
+from mixprec.cli import UsageError
 from mixprec.data import CifarLoader, DataError, load_cifar10, make_splits, random_crop_flip
 
 
