@@ -154,10 +154,15 @@ class RunConfig:
             raise UsageError("--inject-overflow-rank takes a rank (0, 1, ...) and needs --inject-overflow")
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device``, defined here once, for every command that trains or times a model."""
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+
+
 def add_precision_options(p: argparse.ArgumentParser) -> None:
     """``--device``, ``--amp-dtype`` and ``--half-compute``: defined here once, for ``mixprec.run`` and
-    ``mixprec.bench_infer`` alike."""
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    ``mixprec.bench_infer`` alike (``--manual-dtype``, which only ``mixprec.run`` takes, is with its ablations)."""
+    add_device_option(p)
     p.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
                    help="autocast dtype in amp mode. auto: float16 on every device, with torch.amp.GradScaler "
                    "(PyTorch's FP16 recipe, the reference for manual mode). bfloat16: autocast without a loss "

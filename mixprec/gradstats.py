@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .cli import OneLineParser, UsageError
-from .config import DEVICES
+from .config import add_device_option
 from .scaler import FP16_MAX
 from .scaler import FP16_SMALLEST_NORMAL as FP16_MIN_NORMAL
 from .scaler import FP16_SMALLEST_SUBNORMAL as FP16_MIN_SUBNORMAL
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the initial weights, batch and augmentation")
     p.add_argument("--scale", type=float, default=65536.0,
                    help="loss scale to evaluate; 65536 = 2^16 is GradScaler's initial scale")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    add_device_option(p)
     p.add_argument("--out", default="results/gradstats", help="output directory, created if missing")
     return p
 
