@@ -148,11 +148,12 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
     cfg, resume_dir = parse_command(argv)
     # imported after parsing, so that --help and a mistyped option answer in ~3 s, not ~8
     from . import distributed
-    from .device import resolve_device
+    from .train import setup_device
 
-    # fail on a missing GPU before decoding any data; under torchrun, join the other ranks
-    device = distributed.init(resolve_device(cfg.device))
     try:
+        # fail on a missing GPU, or a batch the processes cannot share, before decoding any data; under torchrun,
+        # join the other ranks
+        device = setup_device(cfg)
         return _train_and_write(cfg, resume_dir, device, log, stop)
     finally:
         distributed.shutdown()
@@ -161,22 +162,21 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
 def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: StopRequest) -> int:
     import pandas as pd
 
-    from . import distributed
+    from . import checkpoint as ckpt
     from .data import load_cifar10, make_splits
     from .results import create_run_dir, environment, write_csv, write_torch
-    from .train import check_world, train
+    from .train import train
 
-    check_world(cfg, distributed.world_size())  # before any download or decoding
     if cfg.pretrained and resume_dir is None:
         from .models import build_model
 
         build_model(cfg.model, pretrained=True)  # download the weights now: no network fails before the run starts
     checkpoint = None
     if resume_dir is not None:
-        checkpoint = _load_checkpoint(resume_dir)
+        checkpoint = ckpt.load(resume_dir)
     splits = make_splits(load_cifar10(cfg.data), cfg.subset, cfg.test_subset)
     if not is_rank0():  # rank 0 writes the run directory; the others only train
-        return _exit_code(train(cfg, splits, log=log, resume=checkpoint, stop=stop), stop)
+        return _exit_code(train(cfg, splits, log=log, resume=checkpoint, stop=stop, device=device), stop)
     if resume_dir is None:
         run_dir = log.run_dir = create_run_dir(cfg.out, cfg.model, cfg.mode, cfg.seed)
         write_json(run_dir / "config.json", asdict(cfg))
@@ -192,10 +192,9 @@ def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: St
             write_csv(run_dir / "steps.csv", pd.DataFrame(result.steps))
         write_torch(run_dir / "checkpoint.pt", state)
         if improved:
-            write_torch(run_dir / "best.pt", {"epoch": state["epoch"], "val_acc": result.epochs[-1]["val_acc"],
-                                              "model": state["model"], "master": state["master"]})
+            write_torch(run_dir / "best.pt", ckpt.best(state, result.epochs[-1]["val_acc"]))
 
-    result = train(cfg, splits, log=log, on_epoch=save_progress, resume=checkpoint, stop=stop)
+    result = train(cfg, splits, log=log, on_epoch=save_progress, resume=checkpoint, stop=stop, device=device)
     if result.test:
         cm = pd.DataFrame(result.test["confusion_matrix"], index=splits.classes, columns=splits.classes)
         write_csv(run_dir / "confusion_matrix.csv", cm.rename_axis("true\\predicted").reset_index())
@@ -214,22 +213,6 @@ def _exit_code(result, stop: StopRequest) -> int:
     if result.status == "interrupted":
         return 128 + (stop.signum or signal.SIGINT)
     return 0 if result.status == "completed" else 1
-
-
-def _load_checkpoint(run_dir: Path) -> dict:
-    import torch
-
-    from .results import read_json
-
-    if (run_dir / "summary.json").exists() and read_json(run_dir / "summary.json").get("status") == "completed":
-        raise UsageError(f"--resume {run_dir}: that run has already completed; start a new run")
-    try:
-        return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {run_dir}: no checkpoint.pt in it; start a new run") from None
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so, on one line
-        raise UsageError(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}); "
-                         "start a new run") from None
 
 
 if __name__ == "__main__":
