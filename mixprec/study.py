@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .cli import OneLineParser, UsageError
+from .cli import OneLineParser, UsageError, handling_signals
 from .config import MODES, config_from_json, parse_command
 
 PROG = "python -m mixprec.study"
@@ -232,14 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "combinations": [vars(c) for c in combos]})
 
     stop = Stop()
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = _run_all(combos, args.out, log_dir, stop, record)
+        with handling_signals(stop):
+            code = _run_all(combos, args.out, log_dir, stop, record)
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         record()
     if code in (130, 143):
         return code
