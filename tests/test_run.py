@@ -306,3 +306,11 @@ def test_compile_traces_the_model_in_every_mode_and_is_recorded(tiny_cifar, tmp_
         assert s.compile is True and json.loads((run / "config.json").read_text())["compile"] is True
         assert counters["stats"]["unique_graphs"] >= 1  # Dynamo really traced the model
     assert len(compiled) == 2
+
+
+def test_the_report_requires_summary_fields_that_the_record_has():
+    from mixprec.report import REQUIRED
+    from mixprec.results import SUMMARY_REQUIRED
+
+    assert set(SUMMARY_REQUIRED) <= {f.name for f in fields(RunSummary)}
+    assert REQUIRED["summary.json"] == SUMMARY_REQUIRED
