@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mixprec.config import UsageError
+from mixprec.cli import UsageError
 from mixprec.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,

@@ -6,7 +6,7 @@ batches of ``--batch-size``; default 20 x 128 = 2,560 images), augmentation incl
 
 * ``harness``: ``mixprec.train._train_epoch`` with the baseline ``Precision`` of
   ``setup_precision(RunConfig(mode="baseline", model="resnet20", ...))`` and its scheduler from
-  ``make_scheduler``; ``memory`` is given (a dict), so no step measures memory; ``stop=None``,
+  ``make_scheduler``; the run's ``memory`` is given (a dict), so no step measures memory; ``stop=None``,
   ``partial=None``. Everything the loop does per step is timed: the lr log, the step, the
   scheduler, the loss and accuracy bookkeeping, the periodic host sync, the per-step rows.
 * ``bare``: ``for x, y in loader: opt.zero_grad(set_to_none=True); F.cross_entropy(model(x), y)
@@ -33,7 +33,6 @@ import argparse
 import copy
 import cProfile
 import io
-import math
 import os
 import pstats
 import statistics
@@ -44,12 +43,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mixprec.config import RunConfig, UsageError
+from mixprec.cli import UsageError
+from mixprec.config import RunConfig
 from mixprec.data import CifarLoader, load_cifar10, make_splits
 from mixprec.device import device_name
 from mixprec.models import build_model
 from mixprec.steps import setup_precision
-from mixprec.train import _train_epoch, make_scheduler
+from mixprec.train import Loop, RunResult, _train_epoch, make_scheduler
 
 TARGET = 0.97
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -84,15 +84,12 @@ def main() -> int:
     group = precision.optimizer.param_groups[0]
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=group["lr"], momentum=group["momentum"],
                                weight_decay=group["weight_decay"], nesterov=group["nesterov"])
-    memory = {}  # not None: _train_epoch measures memory only when it has no breakdown yet
-    steps_done = 0
+    # memory not None: _train_epoch measures memory only when the run has no breakdown yet
+    result = RunResult("completed", None, str(device), None, None, 0, memory={})
+    loop = Loop(cfg, harness_model, precision, scheduler, harness_loader, device, result, scaled=False)
 
     def harness(epoch: int) -> None:
-        nonlocal steps_done
-        stats = _train_epoch(precision=precision, scheduler=scheduler, model=harness_model, loader=harness_loader,
-                             epoch=epoch, first_step=steps_done + 1, cfg=cfg, scaled=False,
-                             last_finite_loss=math.nan, stop=None, partial=None, memory=memory)
-        steps_done += len(stats.steps)
+        result.steps += _train_epoch(loop, epoch, None).steps
 
     def bare(epoch: int) -> None:
         bare_model.train()

@@ -35,36 +35,19 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import MODES
+from .config import MODES, RunConfig
 
 
 def prepare(model, mode: str, device, amp_dtype: str = "auto", half_compute: str = "auto"):
     """Turn an FP32 ``model`` (on ``device``) into ``mode``'s inference: ``(forward, description)``, where
-    ``forward(x)`` takes an FP32 batch and returns FP32 logits, as the training run evaluates. Manual mode
-    casts ``model`` in place."""
-    import torch
-
-    from .master import half_with_fp32_norm_
-    from .steps import (
-        amp_context,
-        eval_forward,
-        half_compute_context,
-        resolve_amp_dtype,
-        resolve_half_compute,
-    )
+    ``forward(x)`` takes an FP32 batch and returns FP32 logits, as the training run evaluates
+    (:func:`mixprec.steps.setup_inference`). Manual mode casts ``model`` in place."""
+    from .steps import setup_inference
 
     model.eval()
-    if mode == "baseline":
-        return model, {"dtype": "float32", "half_compute": None}
-    how = resolve_half_compute(half_compute, device)
-    if mode == "amp":
-        dtype = resolve_amp_dtype(amp_dtype, device)
-        forward = eval_forward(model, amp_context(device, dtype, how))
-        return forward, {"dtype": f"autocast {str(dtype).removeprefix('torch.')}", "half_compute": how}
-    if mode == "manual":
-        half_with_fp32_norm_(model, torch.float16)
-        return eval_forward(model, half_compute_context(how), torch.float16), {"dtype": "float16", "half_compute": how}
-    raise ValueError(f"unknown mode {mode!r}")
+    cfg = RunConfig(mode, amp_dtype=amp_dtype, half_compute=half_compute)
+    forward, dtype, how = setup_inference(cfg, model, device)
+    return forward, {"dtype": dtype, "half_compute": how}
 
 
 def time_forward(forward, x, device, warmup: int, repeats: int) -> list[float]:
@@ -117,10 +100,11 @@ def bench(model_name: str, mode: str, device, image_size: int = 750, batch_size:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import _OneLineParser, add_precision_options
+    from .cli import OneLineParser
+    from .config import add_precision_options
     from .models import MODELS
 
-    p = _OneLineParser(prog="python -m mixprec.bench_infer",
+    p = OneLineParser(prog="python -m mixprec.bench_infer",
                        description="Inference latency (mean ± std ms) and peak memory of models, FP32 against half "
                        "precision, one CSV row per model and mode (as Frankola 2022 timed one 750x750 image).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -148,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option} must be at least {least}, got {value}")
     import pandas as pd
 
-    from .config import UsageError
+    from .cli import UsageError
     from .device import resolve_device
     from .results import write_csv
 

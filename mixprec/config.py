@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+from .cli import OneLineParser, UsageError
+from .models import MODELS, has_pretrained
 
 MODES = ("baseline", "amp", "manual")
 SCHEDULES = ("step", "cosine", "cosine-restarts")
@@ -23,10 +27,6 @@ MANUAL_DTYPES = ("float16", "bfloat16", "float8")
 FP8_SCALINGS = ("delayed", "current")
 ON_MIN_SCALE = ("raise", "skip")
 RESUME_MAY_CHANGE = ("data",)  # options that --resume lets differ from the run's own
-
-
-class UsageError(Exception):
-    """Bad input from the user. The CLI prints its message as one line and exits 2."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,6 @@ class RunConfig:
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
-        from .models import MODELS, has_pretrained
-
         for option, value, allowed in (("mode", self.mode, MODES), ("model", self.model, tuple(MODELS)),
                                        ("schedule", self.schedule, SCHEDULES), ("device", self.device, DEVICES),
                                        ("amp-dtype", self.amp_dtype, AMP_DTYPES),
@@ -155,21 +153,29 @@ class RunConfig:
         if self.inject_overflow and self.mode == "baseline":
             raise UsageError("--inject-overflow needs a loss scaler to skip the step: use --mode manual, "
                              "or amp with float16")
+        if self.inject_overflow and self.mode == "amp" and self.amp_dtype == "bfloat16":
+            raise UsageError("--inject-overflow in amp mode needs a GradScaler, which only float16 uses: "
+                             "drop --amp-dtype bfloat16, or use --mode manual")
         if self.inject_overflow_rank is not None and (not self.inject_overflow or self.inject_overflow_rank < 0):
             raise UsageError("--inject-overflow-rank takes a rank (0, 1, ...) and needs --inject-overflow")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr (no usage dump) and exit 2."""
+def warn_if_slow(half_compute: str, dtype: str, device_type: str) -> None:
+    """The check that needs the device resolved (``--device auto``): a choice that is valid but slow warns."""
+    if half_compute == "native" and device_type == "cpu" and dtype == "float16":
+        warnings.warn("--half-compute native on a CPU runs PyTorch's naive FP16 kernels (measured here: 25-200x "
+                      "slower than FP32 for resnet20); use --half-compute emulated (the CPU default)", stacklevel=4)
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device``, defined here once, for every command that trains or times a model."""
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
 
 
 def add_precision_options(p: argparse.ArgumentParser) -> None:
     """``--device``, ``--amp-dtype`` and ``--half-compute``: defined here once, for ``mixprec.run`` and
-    ``mixprec.bench_infer`` alike."""
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    ``mixprec.bench_infer`` alike (``--manual-dtype``, which only ``mixprec.run`` takes, is with its ablations)."""
+    add_device_option(p)
     p.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
                    help="autocast dtype in amp mode. auto: float16 on every device, with torch.amp.GradScaler "
                    "(PyTorch's FP16 recipe, the reference for manual mode). bfloat16: autocast without a loss "
@@ -183,9 +189,7 @@ def add_precision_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import MODELS
-
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="python -m mixprec.run",
         description="Train one CNN on CIFAR-10 in one precision mode and write a run directory "
         "(config.json, env.json, epochs.csv, confusion_matrix.csv, summary.json).",

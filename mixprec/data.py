@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import UsageError
+from .cli import UsageError
 
 # Per-channel statistics of the CIFAR-10 training set (the usual constants, e.g. kuangliu/pytorch-cifar).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .config import UsageError
+from .cli import UsageError
 
 
 def resolve_device(name: str) -> torch.device:

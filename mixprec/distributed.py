@@ -59,8 +59,9 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    """Whether this process writes files and logs: rank 0, or the only process."""
-    return rank() == 0
+    """Whether this process writes the run directory and logs: rank 0, or the only process. Before :func:`init`
+    has joined the group (a usage error in the options, say), torchrun's ``RANK`` says."""
+    return rank() == 0 if dist.is_initialized() else os.environ.get("RANK", "0") == "0"
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

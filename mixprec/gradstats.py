@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import DEVICES, UsageError, _OneLineParser
+from .cli import OneLineParser, UsageError
+from .config import add_device_option
 from .scaler import FP16_MAX
 from .scaler import FP16_SMALLEST_NORMAL as FP16_MIN_NORMAL
 from .scaler import FP16_SMALLEST_SUBNORMAL as FP16_MIN_SUBNORMAL
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; a bad option is one line on stderr and exit code 2, as in ``mixprec.run``."""
     from .models import MODELS
 
-    p = _OneLineParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Histogram one batch's activation and weight gradients in log2 against "
                        "FP16's range, at loss scale 1 and --scale (Micikevicius et al. 2018, Fig. 3); "
                        "write gradstats-<model>.png, .csv and -fractions.csv into --out.")
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the initial weights, batch and augmentation")
     p.add_argument("--scale", type=float, default=65536.0,
                    help="loss scale to evaluate; 65536 = 2^16 is GradScaler's initial scale")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    add_device_option(p)
     p.add_argument("--out", default="results/gradstats", help="output directory, created if missing")
     return p
 

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .config import UsageError
+from .cli import UsageError
 
 # torchvision and timm are imported inside the builders: they cost seconds, and the CLI needs only
 # the names to parse its options and report a typo.

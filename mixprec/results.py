@@ -1,4 +1,4 @@
-"""Run directories: unique creation, atomic writes, the environment record, and reading back.
+"""Run directories: unique creation, atomic writes, the environment record, the summary, and reading back.
 
 A run writes ``<out>/runs/<model>-<mode>-s<seed>-<UTC timestamp>/``. Every file in it is written
 to a temporary name and renamed into place, so a reader (or a crash) never sees half a file.
@@ -13,13 +13,14 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .config import UsageError
+from .cli import UsageError
 from .device import device_name
 
 
@@ -127,3 +128,79 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.SubprocessError):
         pass  # not a checkout (an installed wheel) or no git: the versions above still hold
     return env
+
+
+def _copied(source: str):
+    """A :class:`RunSummary` field copied as it is from the run's ``config`` or ``result`` field of its name."""
+    return field(metadata={"from": source})
+
+
+@dataclass
+class RunSummary:
+    """``summary.json``: what one run was and what it measured, the one record of it that ``mixprec.run``
+    writes at its end and the report and the tests read back (:func:`read_summary`).
+
+    Each field marked ``config`` is the :class:`~mixprec.config.RunConfig` option of its name, each marked
+    ``result`` the :class:`~mixprec.train.RunResult` field of its name; :func:`mixprec.run.summary` works out
+    the others. A run that failed or was interrupted has None for its test results."""
+
+    status: str = _copied("result")  # completed, failed or interrupted
+    error: str | None = _copied("result")
+    mode: str = _copied("config")
+    model: str = _copied("config")
+    pretrained: bool = _copied("config")
+    seed: int = _copied("config")
+    epochs: int = _copied("config")
+    epochs_completed: int
+    deterministic: bool = _copied("config")
+    tf32: bool = _copied("result")
+    world_size: int = _copied("result")
+    device: str = _copied("result")
+    amp_dtype: str | None = _copied("result")
+    half_compute: str | None = _copied("result")
+    params: int = _copied("result")
+    macs: int | None = _copied("result")
+    train_images: int  # of the training split (not images trained on, which counts every epoch)
+    val_images: int
+    test_images: int
+    subset: int | None = _copied("config")
+    test_subset: int | None = _copied("config")
+    train_time_s: float = _copied("result")
+    images_per_s: float | None  # after the warm-up steps; None when the run had none after them
+    warmup_steps: int
+    warmup_time_s: float = _copied("result")
+    compile: bool = _copied("config")
+    channels_last: bool = _copied("config")
+    peak_memory_bytes: int = _copied("result")
+    memory: dict | None = _copied("result")
+    skipped_steps: int | None  # None in baseline mode, which has no loss scaler
+    final_loss_scale: float | None = _copied("result")
+    ablation: dict  # the manual-mode ablation options (mixprec.run.ABLATION_OPTIONS)
+    fp8: dict | None = _copied("result")  # formats and scaling recipe of a --manual-dtype float8 run, else None
+    notes: list = _copied("result")
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    per_class_accuracy: dict | None = None
+    confusion_matrix: list | None = None
+    final_val_accuracy: float | None = None  # absent from the file until an epoch has ended
+
+    @classmethod
+    def copied(cls, source: str, obj) -> dict:
+        """The fields copied from ``source`` (``config`` or ``result``), read off ``obj``."""
+        return {f.name: getattr(obj, f.name) for f in fields(cls) if f.metadata.get("from") == source}
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        if record["final_val_accuracy"] is None:
+            del record["final_val_accuracy"]
+        return record
+
+
+# What the report needs of every completed run's summary, in the order it names what is missing.
+SUMMARY_REQUIRED = ("test_accuracy", "train_time_s", "peak_memory_bytes", "per_class_accuracy", "confusion_matrix")
+
+
+def read_summary(run_dir: Path) -> RunSummary:
+    """The :class:`RunSummary` of the run in ``run_dir`` (a field the file lacks reads as None)."""
+    saved = read_json(Path(run_dir) / "summary.json")
+    return RunSummary(**{f.name: saved.get(f.name) for f in fields(RunSummary)})

@@ -9,7 +9,6 @@ or the loss scale collapsed), with the reason in the summary; 2 bad input, with 
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -19,8 +18,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import UsageError, parse_command
-from .results import write_json
+from . import distributed
+from .cli import UsageError, handling_signals
+from .config import parse_command
+from .results import RunSummary, write_json
 
 PROG = "python -m mixprec.run"
 ABLATION_OPTIONS = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype",
@@ -36,61 +37,20 @@ def images_per_s(result) -> float | None:
     return images / seconds if images > 0 and seconds > 0 else None
 
 
-def summary(cfg, result, splits) -> dict:
+def summary(cfg, result, splits) -> RunSummary:
+    """The run's :class:`~mixprec.results.RunSummary`, from its configuration, its result and its data."""
     from .train import WARMUP_STEPS
 
-    s = {
-        "status": result.status,
-        "error": result.error,
-        "mode": cfg.mode,
-        "model": cfg.model,
-        "pretrained": cfg.pretrained,
-        "seed": cfg.seed,
-        "epochs": cfg.epochs,
-        "epochs_completed": len(result.epochs),
-        "deterministic": cfg.deterministic,
-        "tf32": result.tf32,
-        "world_size": result.world_size,
-        "device": result.device,
-        "amp_dtype": result.amp_dtype,
-        "half_compute": result.half_compute,
-        "params": result.params,
-        "macs": result.macs,
-        "train_images": len(splits.train[1]),
-        "val_images": len(splits.val[1]),
-        "test_images": len(splits.test[1]),
-        "subset": cfg.subset,
-        "test_subset": cfg.test_subset,
-        "train_time_s": result.train_time_s,
-        "images_per_s": images_per_s(result),
-        "warmup_steps": WARMUP_STEPS,
-        "warmup_time_s": result.warmup_time_s,
-        "compile": cfg.compile,
-        "channels_last": cfg.channels_last,
-        "peak_memory_bytes": result.peak_memory_bytes,
-        "memory": result.memory,
-        "skipped_steps": result.skipped_steps if cfg.mode != "baseline" else None,
-        "final_loss_scale": result.final_loss_scale,
-        "ablation": {k: getattr(cfg, k) for k in ABLATION_OPTIONS},
-        "fp8": result.fp8,  # formats and scaling recipe of a --manual-dtype float8 run, else None
-        "notes": result.notes,
-        "test_accuracy": None,
-        "test_loss": None,
-        "per_class_accuracy": None,
-        "confusion_matrix": None,
-    }
-    if result.epochs:
-        s["final_val_accuracy"] = result.epochs[-1]["val_acc"]
-    if result.test:
-        s.update(test_accuracy=result.test["accuracy"], test_loss=result.test["loss"],
-                 per_class_accuracy=result.test["per_class_accuracy"],
-                 confusion_matrix=result.test["confusion_matrix"])
-    return s
-
-
-def is_rank0() -> bool:
-    """Whether this process writes the run directory and reports: torchrun's ``RANK`` 0, or the only process."""
-    return os.environ.get("RANK", "0") == "0"
+    test = result.test or {}
+    return RunSummary(
+        **RunSummary.copied("config", cfg), **RunSummary.copied("result", result),
+        epochs_completed=len(result.epochs), train_images=len(splits.train[1]), val_images=len(splits.val[1]),
+        test_images=len(splits.test[1]), images_per_s=images_per_s(result), warmup_steps=WARMUP_STEPS,
+        skipped_steps=result.skipped_steps if cfg.mode != "baseline" else None,
+        ablation={k: getattr(cfg, k) for k in ABLATION_OPTIONS},
+        test_accuracy=test.get("accuracy"), test_loss=test.get("loss"),
+        per_class_accuracy=test.get("per_class_accuracy"), confusion_matrix=test.get("confusion_matrix"),
+        final_val_accuracy=result.epochs[-1]["val_acc"] if result.epochs else None)
 
 
 class RunLog:
@@ -100,7 +60,7 @@ class RunLog:
         self.run_dir: Path | None = None
 
     def __call__(self, msg: str) -> None:
-        if not is_rank0():  # rank 0 speaks for all ranks
+        if not distributed.is_main():  # rank 0 speaks for all ranks
             return
         tqdm.write(f"[mixprec] {msg}", file=sys.stderr)
         if self.run_dir is not None:
@@ -123,35 +83,28 @@ class StopRequest(threading.Event):
 def main(argv: list[str] | None = None) -> int:
     log = RunLog()
     stop = StopRequest()
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    with warnings.catch_warnings():
+    with handling_signals(stop), warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: log(f"warning: {message}")
         try:
             return _run(argv, log, stop)
         except UsageError as e:
-            if is_rank0():
+            if distributed.is_main():
                 print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
         except BaseException as e:
             if log.run_dir is not None:  # a crash still leaves a summary that says what happened
                 write_json(log.run_dir / "summary.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
             raise
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
 
 
 def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
     cfg, resume_dir = parse_command(argv)
-    # imported after parsing, so that --help and a mistyped option answer in ~3 s, not ~8
-    from . import distributed
-    from .device import resolve_device
+    from .train import setup_device  # after parsing, so that --help and a mistyped option answer in ~3 s, not ~8
 
-    # fail on a missing GPU before decoding any data; under torchrun, join the other ranks
-    device = distributed.init(resolve_device(cfg.device))
     try:
+        # fail on a missing GPU, or a batch the processes cannot share, before decoding any data; under torchrun,
+        # join the other ranks
+        device = setup_device(cfg)
         return _train_and_write(cfg, resume_dir, device, log, stop)
     finally:
         distributed.shutdown()
@@ -160,22 +113,21 @@ def _run(argv: list[str] | None, log: RunLog, stop: StopRequest) -> int:
 def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: StopRequest) -> int:
     import pandas as pd
 
-    from . import distributed
+    from . import checkpoint as ckpt
     from .data import load_cifar10, make_splits
     from .results import create_run_dir, environment, write_csv, write_torch
-    from .train import check_world, train
+    from .train import train
 
-    check_world(cfg, distributed.world_size())  # before any download or decoding
     if cfg.pretrained and resume_dir is None:
         from .models import build_model
 
         build_model(cfg.model, pretrained=True)  # download the weights now: no network fails before the run starts
     checkpoint = None
     if resume_dir is not None:
-        checkpoint = _load_checkpoint(resume_dir)
+        checkpoint = ckpt.load(resume_dir)
     splits = make_splits(load_cifar10(cfg.data), cfg.subset, cfg.test_subset)
-    if not is_rank0():  # rank 0 writes the run directory; the others only train
-        return _exit_code(train(cfg, splits, log=log, resume=checkpoint, stop=stop), stop)
+    if not distributed.is_main():  # rank 0 writes the run directory; the others only train
+        return _exit_code(train(cfg, splits, log=log, resume=checkpoint, stop=stop, device=device), stop)
     if resume_dir is None:
         run_dir = log.run_dir = create_run_dir(cfg.out, cfg.model, cfg.mode, cfg.seed)
         write_json(run_dir / "config.json", asdict(cfg))
@@ -191,14 +143,13 @@ def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: St
             write_csv(run_dir / "steps.csv", pd.DataFrame(result.steps))
         write_torch(run_dir / "checkpoint.pt", state)
         if improved:
-            write_torch(run_dir / "best.pt", {"epoch": state["epoch"], "val_acc": result.epochs[-1]["val_acc"],
-                                              "model": state["model"], "master": state["master"]})
+            write_torch(run_dir / "best.pt", ckpt.best(state, result.epochs[-1]["val_acc"]))
 
-    result = train(cfg, splits, log=log, on_epoch=save_progress, resume=checkpoint, stop=stop)
+    result = train(cfg, splits, log=log, on_epoch=save_progress, resume=checkpoint, stop=stop, device=device)
     if result.test:
         cm = pd.DataFrame(result.test["confusion_matrix"], index=splits.classes, columns=splits.classes)
         write_csv(run_dir / "confusion_matrix.csv", cm.rename_axis("true\\predicted").reset_index())
-    write_json(run_dir / "summary.json", summary(cfg, result, splits))
+    write_json(run_dir / "summary.json", summary(cfg, result, splits).to_json())
     if result.status == "interrupted":
         log(f"{result.error}: python -m mixprec.run --resume {run_dir}")
     elif result.status != "completed":
@@ -213,22 +164,6 @@ def _exit_code(result, stop: StopRequest) -> int:
     if result.status == "interrupted":
         return 128 + (stop.signum or signal.SIGINT)
     return 0 if result.status == "completed" else 1
-
-
-def _load_checkpoint(run_dir: Path) -> dict:
-    import torch
-
-    from .results import read_json
-
-    if (run_dir / "summary.json").exists() and read_json(run_dir / "summary.json").get("status") == "completed":
-        raise UsageError(f"--resume {run_dir}: that run has already completed; start a new run")
-    try:
-        return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {run_dir}: no checkpoint.pt in it; start a new run") from None
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so, on one line
-        raise UsageError(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}); "
-                         "start a new run") from None
 
 
 if __name__ == "__main__":

@@ -230,27 +230,19 @@ class DynamicLossScaler:
             warnings.warn(f"loss scale held at min_scale={self.min_scale:g}: {self._steps_at_min_scale} "
                           "overflowing steps skipped there so far", stacklevel=3)
 
+    # what a checkpoint holds, in state_dict's order: (key, attribute, how a loaded value is read; None: as it is)
+    _STATE = (("scale", "_scale", float), ("growth_factor", "growth_factor", float),
+              ("backoff_factor", "backoff_factor", float), ("growth_interval", "growth_interval", int),
+              ("growth_tracker", "_growth_tracker", int), ("hysteresis", "hysteresis", int),
+              ("hysteresis_tracker", "_hysteresis_tracker", int), ("min_scale", "min_scale", None),
+              ("max_scale", "max_scale", None), ("on_min_scale", "on_min_scale", None), ("dynamic", "dynamic", bool),
+              ("steps_at_min_scale", "_steps_at_min_scale", int), ("steps", "_steps", int),
+              ("telemetry_every", "telemetry_every", None))
+
     def state_dict(self) -> dict:
-        return {"scale": self._scale, "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
-                "growth_interval": self.growth_interval, "growth_tracker": self._growth_tracker,
-                "hysteresis": self.hysteresis, "hysteresis_tracker": self._hysteresis_tracker,
-                "min_scale": self.min_scale, "max_scale": self.max_scale, "on_min_scale": self.on_min_scale,
-                "dynamic": self.dynamic, "steps_at_min_scale": self._steps_at_min_scale, "steps": self._steps,
-                "telemetry_every": self.telemetry_every}
+        return {key: getattr(self, attr) for key, attr, _ in self._STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        self._scale = float(state["scale"])
-        self.growth_factor = float(state["growth_factor"])
-        self.backoff_factor = float(state["backoff_factor"])
-        self.growth_interval = int(state["growth_interval"])
-        self._growth_tracker = int(state["growth_tracker"])
-        self.hysteresis = int(state["hysteresis"])
-        self._hysteresis_tracker = int(state["hysteresis_tracker"])
-        self.min_scale = state["min_scale"]
-        self.max_scale = state["max_scale"]
-        self.on_min_scale = state["on_min_scale"]
-        self.dynamic = bool(state["dynamic"])
-        self._steps_at_min_scale = int(state["steps_at_min_scale"])
-        self._steps = int(state["steps"])
-        self.telemetry_every = state["telemetry_every"]
+        for key, attr, read in self._STATE:
+            setattr(self, attr, state[key] if read is None else read(state[key]))
         self._unscaled = False

@@ -12,7 +12,6 @@ is read after ``update`` to tell a skipped step); manual one (``bool(found_inf)`
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import RunConfig, UsageError
+from .cli import UsageError
+from .config import RunConfig, warn_if_slow
 from .fp8 import Fp8Recipe, Fp8Training
 from .halfops import EmulatedAutocast, emulated_half_compute
 from .master import MasterWeights, half_with_fp32_norm_
@@ -175,7 +175,7 @@ def _sgd(params, cfg: RunConfig) -> torch.optim.SGD:
                            nesterov=cfg.nesterov)
 
 
-def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_amp_dtype(name: str) -> torch.dtype:
     """``auto`` is float16 on every device: autocast plus GradScaler, PyTorch's FP16 recipe and the reference
     manual mode is compared with (on a CPU with emulated tensor-core arithmetic, see :func:`amp_context`)."""
     return torch.float16 if name == "auto" else getattr(torch, name)
@@ -199,12 +199,6 @@ def amp_context(device: torch.device, dtype: torch.dtype, how: str) -> AbstractC
     if how == "emulated":
         return EmulatedAutocast(device.type, dtype)
     return torch.autocast(device.type, dtype=dtype)
-
-
-def _warn_if_slow(how: str, dtype: torch.dtype, device: torch.device) -> None:
-    if how == "native" and device.type == "cpu" and dtype == torch.float16:
-        warnings.warn("--half-compute native on a CPU runs PyTorch's naive FP16 kernels (measured here: 25-200x "
-                      "slower than FP32 for resnet20); use --half-compute emulated (the CPU default)", stacklevel=3)
 
 
 def eval_forward(net: nn.Module, context: AbstractContextManager,
@@ -236,6 +230,79 @@ def setup_fp8(cfg: RunConfig, model: nn.Module, device: torch.device, scaler: Dy
         raise UsageError(f"--manual-dtype float8 with {cfg.model}: {e}") from None
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# Each mode's forward pass, as resolved for the device: shared by its training set-up and its inference.
+
+def _autocast(cfg: RunConfig, device: torch.device) -> tuple[AbstractContextManager, torch.dtype, str]:
+    """amp mode's forward context, its dtype, and how its half arithmetic runs."""
+    dtype = resolve_amp_dtype(cfg.amp_dtype)
+    how = resolve_half_compute(cfg.half_compute, device)
+    return amp_context(device, dtype, how), dtype, how
+
+
+def _half(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype, str]:
+    """manual mode's half dtype (the model's) and how its arithmetic runs (FP8 computes, emulated, on FP16)."""
+    if cfg.manual_dtype == "float8":
+        return torch.float16, "emulated"
+    return getattr(torch, cfg.manual_dtype), resolve_half_compute(cfg.half_compute, device)
+
+
+def _baseline(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.device, options: dict) -> Precision:
+    opt = _sgd(model.parameters(), cfg)
+    return Precision(step=partial(baseline_step, distributed.wrap(net, device), opt, **options), forward=net,
+                     optimizer=opt, loss_scale=lambda: None)
+
+
+def _amp(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.device, options: dict) -> Precision:
+    autocast, dtype, how = _autocast(cfg, device)
+    warn_if_slow(how, _name(dtype), device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # BF16 needs no scaling
+    opt = _sgd(model.parameters(), cfg)
+    arithmetic = {"emulated": ", emulated tensor-core arithmetic", "native": ""}[how]
+    scaling = f"GradScaler from {scaler.get_scale():g}" if scaler.is_enabled() else "no loss scaler"
+    return Precision(step=partial(amp_step, distributed.wrap(net, device), opt, autocast=autocast,
+                                  scaler=_with_injection(scaler, cfg), **options),
+                     forward=eval_forward(net, autocast), optimizer=opt,
+                     loss_scale=lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=_name(dtype),
+                     half_compute=how, scaler=scaler,
+                     description=f"torch.autocast({_name(dtype)}){arithmetic}, {scaling}")
+
+
+def _manual(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.device, options: dict) -> Precision:
+    dtype, how = _half(cfg, device)
+    warn_if_slow(how, _name(dtype), device.type)
+    master = MasterWeights(model, enabled=cfg.master_weights)  # from the FP32 weights, before rounding
+    half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
+    opt = _sgd(master.params, cfg)
+    scaler = make_loss_scaler(cfg)
+    fp8 = setup_fp8(cfg, model, device, scaler) if cfg.manual_dtype == "float8" else None
+    half_compute = fp8.compute() if fp8 is not None else half_compute_context(how)
+    notes = []
+    if dtype == torch.bfloat16 and cfg.loss_scale != "none":
+        notes.append("bfloat16 has FP32's exponent range, so loss scaling is unnecessary; the scaler ran "
+                     "anyway (--loss-scale none drops it)")
+    norm = "FP16" if cfg.fp16_batchnorm else "FP32"
+    weights = "FP32 master weights" if cfg.master_weights else "no master weights (updated in half)"
+    arithmetic = {"emulated": "emulated tensor-core arithmetic (half operands, FP32 accumulation)",
+                  "native": "native half kernels"}[how]
+    if fp8 is not None:
+        arithmetic = (f"emulated FP8 tensor-core arithmetic (E4M3 forward, E5M2 gradients, {cfg.fp8_scaling} "
+                      f"per-tensor scaling, FP32 accumulation; FP16: {', '.join(fp8.fp16_layers) or 'none'})")
+    scaling = {"dynamic": "dynamic loss scale from {:g}", "none": "no loss scaling (scale {:g})"}.get(
+        cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
+    step = partial(manual_step, distributed.wrap(net, device), opt, master=master, scaler=_with_injection(scaler, cfg),
+                   dtype=dtype, half_compute=half_compute, **options)
+    return Precision(step=step, forward=eval_forward(net, half_compute, dtype), optimizer=opt,
+                     loss_scale=scaler.get_scale, half_compute=how, master=master, scaler=scaler, fp8=fp8, notes=notes,
+                     description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, {arithmetic}, {scaling}")
+
+
+PRECISIONS = {"baseline": _baseline, "amp": _amp, "manual": _manual}  # mode -> its training set-up
+
+
 def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> Precision:
     """Prepare ``model`` (FP32, on ``device``) for ``cfg.mode`` and build its optimizer.
 
@@ -244,65 +311,29 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
     ``model`` in place before the first (compiling) call. Under torchrun the steps train it wrapped in
     ``DistributedDataParallel`` (made after that conversion, so it all-reduces the half gradients);
     evaluation runs it unwrapped, each rank on its shard."""
-    step_options = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm, label_smoothing=cfg.label_smoothing)
+    options = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm, label_smoothing=cfg.label_smoothing)
     net = torch.compile(model) if cfg.compile else model  # evaluates; trains, in DDP when there are several ranks
-    if cfg.mode == "baseline":
-        opt = _sgd(model.parameters(), cfg)
-        return Precision(partial(baseline_step, distributed.wrap(net, device), opt, **step_options), net, opt,
-                         lambda: None)
+    return PRECISIONS[cfg.mode](cfg, model, net, device, options)
 
-    if cfg.mode == "amp":
-        dtype = resolve_amp_dtype(cfg.amp_dtype, device)
-        how = resolve_half_compute(cfg.half_compute, device)
-        _warn_if_slow(how, dtype, device)
-        if cfg.inject_overflow and dtype != torch.float16:
-            raise UsageError("--inject-overflow in amp mode needs a GradScaler, which only float16 uses: "
-                             "drop --amp-dtype bfloat16, or use --mode manual")
-        autocast = amp_context(device, dtype, how)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # BF16 needs no scaling
-        opt = _sgd(model.parameters(), cfg)
-        injected = _with_injection(scaler, cfg)
 
-        amp_dtype = str(dtype).removeprefix("torch.")
-        arithmetic = {"emulated": ", emulated tensor-core arithmetic", "native": ""}[how]
-        scaling = f"GradScaler from {scaler.get_scale():g}" if scaler.is_enabled() else "no loss scaler"
-        return Precision(partial(amp_step, distributed.wrap(net, device), opt, autocast=autocast, scaler=injected,
-                                 **step_options),
-                         eval_forward(net, autocast), opt,
-                         lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=amp_dtype,
-                         half_compute=how, scaler=scaler,
-                         description=f"torch.autocast({amp_dtype}){arithmetic}, {scaling}")
+def _amp_inference(cfg: RunConfig, model: nn.Module, device: torch.device):
+    autocast, dtype, how = _autocast(cfg, device)
+    return eval_forward(model, autocast), f"autocast {_name(dtype)}", how
 
-    if cfg.mode == "manual":
-        fp8 = cfg.manual_dtype == "float8"
-        how = "emulated" if fp8 else resolve_half_compute(cfg.half_compute, device)
-        dtype = torch.float16 if fp8 else getattr(torch, cfg.manual_dtype)  # FP8 computes; the model stores FP16
-        _warn_if_slow(how, dtype, device)
-        master = MasterWeights(model, enabled=cfg.master_weights)  # from the FP32 weights, before rounding
-        half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
-        opt = _sgd(master.params, cfg)
-        scaler = make_loss_scaler(cfg)
-        injected = _with_injection(scaler, cfg)
-        fp8_training = setup_fp8(cfg, model, device, scaler) if fp8 else None
-        half_compute = fp8_training.compute() if fp8 else half_compute_context(how)
-        notes = []
-        if dtype == torch.bfloat16 and cfg.loss_scale != "none":
-            notes.append("bfloat16 has FP32's exponent range, so loss scaling is unnecessary; the scaler ran "
-                         "anyway (--loss-scale none drops it)")
-        norm = "FP16" if cfg.fp16_batchnorm else "FP32"
-        weights = "FP32 master weights" if cfg.master_weights else "no master weights (updated in half)"
-        arithmetic = {"emulated": "emulated tensor-core arithmetic (half operands, FP32 accumulation)",
-                      "native": "native half kernels"}[how]
-        if fp8:
-            arithmetic = (f"emulated FP8 tensor-core arithmetic (E4M3 forward, E5M2 gradients, {cfg.fp8_scaling} "
-                          f"per-tensor scaling, FP32 accumulation; FP16: {', '.join(fp8_training.fp16_layers) or 'none'})")
-        scaling = {"dynamic": "dynamic loss scale from {:g}", "none": "no loss scaling (scale {:g})"}.get(
-            cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
-        step = partial(manual_step, distributed.wrap(net, device), opt, master=master, scaler=injected, dtype=dtype,
-                       half_compute=half_compute, **step_options)
-        return Precision(step, eval_forward(net, half_compute, dtype), opt, scaler.get_scale, half_compute=how,
-                         master=master, scaler=scaler, fp8=fp8_training,
-                         notes=notes, description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, "
-                                                  f"{arithmetic}, {scaling}")
 
-    raise UsageError(f"unknown mode {cfg.mode!r}")
+def _manual_inference(cfg: RunConfig, model: nn.Module, device: torch.device):
+    dtype, how = _half(cfg, device)
+    half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
+    return eval_forward(model, half_compute_context(how), dtype), _name(dtype), how
+
+
+INFERENCE = {"baseline": lambda cfg, model, device: (model, "float32", None), "amp": _amp_inference,
+             "manual": _manual_inference}  # mode -> its forward pass alone, without training's state
+
+
+def setup_inference(cfg: RunConfig, model: nn.Module, device: torch.device) -> tuple[Callable, str, str | None]:
+    """``model`` (FP32, on ``device``) ready to infer in ``cfg.mode``, in the precision its training evaluates
+    in: ``(forward, dtype, half_compute)``, where ``forward(x)`` takes an FP32 batch and returns FP32 logits,
+    ``dtype`` names the precision (``float32``, ``autocast float16``, ``float16``...), and ``half_compute`` is
+    None for FP32. Manual mode casts ``model`` in place; there are no master weights, optimizer or scaler."""
+    return INFERENCE[cfg.mode](cfg, model, device)

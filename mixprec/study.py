@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import MODES, UsageError, _OneLineParser, config_from_json, parse_command
+from .cli import OneLineParser, UsageError, handling_signals
+from .config import MODES, config_from_json, parse_command
 
 PROG = "python -m mixprec.study"
 VARIED = ("--mode", "--model", "--seed", "--lr", "--momentum", "--weight-decay", "--resume")
@@ -47,7 +46,7 @@ class Combination:
 def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
 
-    p = _OneLineParser(prog=PROG, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog=PROG, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Run every combination of models x modes x seeds (x the lr, momentum and "
                        "weight-decay values) with python -m mixprec.run, each in its own process, skipping "
                        "combinations already completed, then write the report (python -m mixprec.report).",
@@ -231,14 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "combinations": [vars(c) for c in combos]})
 
     stop = Stop()
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = _run_all(combos, args.out, log_dir, stop, record)
+        with handling_signals(stop):
+            code = _run_all(combos, args.out, log_dir, stop, record)
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         record()
     if code in (130, 143):
         return code

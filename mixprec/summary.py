@@ -116,10 +116,10 @@ def model_list(image_size: int = 32) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import UsageError, _OneLineParser
+    from .cli import OneLineParser, UsageError
     from .models import MODELS, build_model
 
-    p = _OneLineParser(prog="python -m mixprec.summary",
+    p = OneLineParser(prog="python -m mixprec.summary",
                        description="A model's layers with output shape, parameters and MACs for one image, and "
                        "totals (MACs: torch.utils.flop_counter's FLOPs / 2, counted on the meta device).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

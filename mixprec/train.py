@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from . import device as dev
 from . import distributed
-from .config import RunConfig, UsageError
+from .cli import UsageError
+from .config import RunConfig
 from .data import CifarLoader, Splits
 from .fp8 import COLUMNS as FP8_COLUMNS
 from .memory import SavedTensorBytes, breakdown
@@ -154,12 +156,80 @@ def _stop_requested(stop, i: int, n: int) -> bool:
 
 
 @dataclass
+class Loop:
+    """What the epoch loop works on: the run's parts, set up once by :func:`train`, and its progress over the
+    epochs. A checkpoint holds its state (:mod:`mixprec.checkpoint`)."""
+
+    cfg: RunConfig
+    model: torch.nn.Module
+    precision: Precision
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: CifarLoader  # the training split (this rank's share of every batch)
+    device: torch.device
+    result: RunResult
+    scaled: bool  # whether a loss scaler absorbs overflows (else an inf/NaN loss is divergence)
+    stop: object = None  # a threading.Event: stop after the step in progress
+    best_val_acc: float = -1.0
+    last_finite_loss: float = math.nan
+
+
+@dataclass
+class EpochProgress:
+    """An epoch so far, one entry per step, kept on the device until the epoch ends. An interruption saves it
+    (a checkpoint's ``partial_epoch``) and a resumed run goes on from it."""
+
+    losses: torch.Tensor  # this rank's loss of each step (NaN where not yet taken)
+    correct: torch.Tensor  # training predictions that were right
+    lrs: list = field(default_factory=list)
+    scales: list = field(default_factory=list)
+    skips: list = field(default_factory=list)
+    grad_stats: dict = field(default_factory=dict)  # step -> the scaler's gradient statistics
+    fp8_stats: dict = field(default_factory=dict)  # step -> the FP8 layers' statistics
+    steps_done: int = 0
+    seconds: float = 0.0  # training time before this stretch of the epoch (an interruption's)
+    warmup_seconds: float = 0.0
+
+    @classmethod
+    def start(cls, steps: int, device: torch.device, partial: dict | None = None) -> EpochProgress:
+        """A new epoch of ``steps`` steps, or the one that ``partial`` (:meth:`saved`) cut short."""
+        if partial is None:
+            return cls(torch.full((steps,), math.nan, device=device), torch.zeros((), dtype=torch.int64, device=device))
+        # saved with the losses averaged over the ranks and the correct count summed: rank 0 carries the count
+        return cls(partial["losses"].to(device), partial["correct"].to(device) * distributed.is_main(),
+                   partial["lrs"], partial["scales"], partial["skips"],
+                   {int(k): v.to(device) for k, v in partial["grad_stats"].items()},
+                   {int(k): v.to(device) for k, v in partial.get("fp8_stats", {}).items()},
+                   partial["steps_done"], partial["seconds"], partial.get("warmup_seconds", 0.0))
+
+    def saved(self, steps_done: int, seconds: float, last_finite_loss: float) -> dict:
+        """The checkpoint's ``partial_epoch``: the same over all ranks, on the CPU (a collective under DDP)."""
+        return {"steps_done": steps_done, "losses": _mean_over_ranks(self.losses).cpu(),
+                "correct": distributed.sum_(self.correct.clone()).cpu(), "lrs": self.lrs, "scales": self.scales,
+                "skips": self.skips, "grad_stats": {k: v.cpu() for k, v in self.grad_stats.items()},
+                "fp8_stats": {k: v.cpu() for k, v in self.fp8_stats.items()},
+                "warmup_seconds": self.warmup_seconds, "seconds": seconds, "last_finite_loss": last_finite_loss}
+
+    def step_rows(self, losses: list[float], first_step: int, epoch: int) -> list[dict]:
+        """``steps.csv``'s rows of the finished epoch (reads the statistics off the device: a host sync)."""
+        grad = dict(zip(self.grad_stats, torch.stack(list(self.grad_stats.values())).tolist())) \
+            if self.grad_stats else {}
+        fp8 = dict(zip(self.fp8_stats, torch.stack(list(self.fp8_stats.values())).tolist())) if self.fp8_stats else {}
+        rows = []
+        for i, (loss, lr, scale, skipped) in enumerate(zip(losses, self.lrs, self.scales, self.skips)):
+            largest, zeros, underflow, elements = grad.get(i, (math.nan,) * 3 + (1.0,))
+            rows.append(dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
+                             grad_max_abs=largest, grad_zero_frac=zeros / elements,
+                             grad_underflow_frac=underflow / elements,
+                             **dict(zip(FP8_COLUMNS, fp8.get(i, (math.nan,) * len(FP8_COLUMNS))))))
+        return rows
+
+
+@dataclass
 class EpochStats:
     loss: float  # mean over steps with a finite loss
     accuracy: float
     skipped_steps: int
     images: int
-    last_finite_loss: float
     steps: list[dict]  # one row per optimizer step, for steps.csv
     seconds_before: float  # training time this epoch had before an interruption (0 if none)
     warmup_seconds: float  # time of the first epoch's first WARMUP_STEPS steps (0 in later epochs)
@@ -167,118 +237,83 @@ class EpochStats:
     memory: dict  # bytes by role, measured on this process's first step
 
 
-def _train_epoch(precision: Precision, scheduler, model, loader: CifarLoader, epoch: int, first_step: int,
-                 cfg: RunConfig, scaled: bool, last_finite_loss: float, stop, partial: dict | None,
-                 memory: dict | None) -> EpochStats:
-    """One pass over ``loader``; ``partial`` continues an epoch that an interruption cut short.
-    Without a ``memory`` breakdown yet, the first step measures one."""
-    model.train()
+def _check_losses(loop: Loop, losses: torch.Tensor, epoch: int, last_finite_loss: float) -> float:
+    """At a progress update: the last finite loss so far, or a :class:`Diverged` when an unscaled run's
+    loss is inf/NaN. ``losses`` are the epoch's so far, the same on every rank."""
+    finite = torch.isfinite(losses).cpu()  # host sync: progress and the divergence check
+    if loop.scaled:
+        distributed.check_same(loop.precision.loss_scale(), "the loss scale")
+    if not loop.scaled and not finite.all():
+        first = int((~finite).nonzero()[0])
+        if first > 0:
+            last_finite_loss = float(losses[first - 1])
+        raise Diverged(f"training loss became {float(losses[first])} at epoch {epoch + 1}, step {first + 1} "
+                       f"(last finite loss {last_finite_loss:.4g}); lower --lr")
+    return float(losses[finite.nonzero()[-1]]) if finite.any() else last_finite_loss
+
+
+def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
+    """One pass over the training split; ``partial`` continues an epoch that an interruption cut short.
+    Without a memory breakdown yet, the first step measures one."""
+    precision, loader, result = loop.precision, loop.loader, loop.result
+    loop.model.train()
     n = len(loader)
-    device = loader.labels.device
-    if partial is None:
-        losses = torch.full((n,), math.nan, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        lrs, scales, skips, grad_stats, begin, seconds_before, warmup_seconds = [], [], [], {}, 0, 0.0, 0.0
-        fp8_stats = {}
-    else:
-        # saved with the losses averaged over the ranks and the correct count summed: rank 0 carries the count
-        losses, correct = partial["losses"].to(device), partial["correct"].to(device) * distributed.is_main()
-        lrs, scales, skips = partial["lrs"], partial["scales"], partial["skips"]
-        grad_stats = {int(k): v.to(device) for k, v in partial["grad_stats"].items()}
-        fp8_stats = {int(k): v.to(device) for k, v in partial.get("fp8_stats", {}).items()}
-        begin, seconds_before, last_finite_loss = partial["steps_done"], partial["seconds"], partial["last_finite_loss"]
-        warmup_seconds = partial.get("warmup_seconds", 0.0)
+    p = EpochProgress.start(n, loop.device, partial)
+    last_finite_loss = loop.last_finite_loss if partial is None else partial["last_finite_loss"]
+    begin, first_step, memory = p.steps_done, len(result.steps) + 1, result.memory
     warmup_steps = min(WARMUP_STEPS, n) if epoch == 0 else 0
     loader.set_epoch(epoch, start_batch=begin)
     start = time.perf_counter()
-    bar = tqdm(loader, total=n, initial=begin, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-               file=sys.stderr, dynamic_ncols=True, disable=None if distributed.is_main() else True)
+    bar = tqdm(loader, total=n, initial=begin, desc=f"epoch {epoch + 1}/{loop.cfg.epochs}", unit="batch",
+               leave=False, file=sys.stderr, dynamic_ncols=True, disable=None if distributed.is_main() else True)
     for i, (images, labels) in enumerate(bar, start=begin):
-        lrs.append(precision.optimizer.param_groups[0]["lr"])
+        p.lrs.append(precision.optimizer.param_groups[0]["lr"])
         with SavedTensorBytes() if memory is None else nullcontext() as saved:
             out = precision.step(images, labels)
         if memory is None:
-            memory = breakdown(model, precision.master, precision.optimizer, saved.bytes)
+            memory = breakdown(loop.model, precision.master, precision.optimizer, saved.bytes)
         if not out.skipped:
-            scheduler.step()
-        losses[i] = out.loss
-        correct += (out.logits.argmax(1) == labels).sum()
-        scales.append(precision.loss_scale())
-        skips.append(out.skipped)
+            loop.scheduler.step()
+        p.losses[i] = out.loss
+        p.correct += (out.logits.argmax(1) == labels).sum()
+        p.scales.append(precision.loss_scale())
+        p.skips.append(out.skipped)
         if (stats := precision.pop_stats()) is not None:
-            grad_stats[i] = stats  # stays on the device: read once, at the end of the epoch
+            p.grad_stats[i] = stats  # stays on the device: read once, at the end of the epoch
         if (stats := precision.pop_fp8_stats()) is not None:
-            fp8_stats[i] = stats  # likewise
+            p.fp8_stats[i] = stats  # likewise
         if i + 1 == warmup_steps:
-            dev.synchronize(device)
-            warmup_seconds = seconds_before + time.perf_counter() - start
-        if _stop_requested(stop, i, n):  # the step is finished: save the epoch so far
-            dev.synchronize(device)
-            partial = {"steps_done": i + 1, "losses": _mean_over_ranks(losses).cpu(),
-                       "correct": distributed.sum_(correct.clone()).cpu(), "lrs": lrs,
-                       "scales": scales, "skips": skips, "grad_stats": {k: v.cpu() for k, v in grad_stats.items()},
-                       "fp8_stats": {k: v.cpu() for k, v in fp8_stats.items()},
-                       "warmup_seconds": warmup_seconds, "seconds": seconds_before + time.perf_counter() - start,
-                       "last_finite_loss": last_finite_loss}
-            raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1} of {n}", partial)
-        if (i + 1) % SYNC_EVERY == 0 or i + 1 == n:
-            seen = _mean_over_ranks(losses[: i + 1])  # every rank decides on the same numbers
-            finite = torch.isfinite(seen).cpu()  # host sync: progress and the divergence check
-            if scaled:
-                distributed.check_same(precision.loss_scale(), "the loss scale")
-            if not scaled and not finite.all():
-                first = int((~finite).nonzero()[0])
-                if first > 0:
-                    last_finite_loss = float(seen[first - 1])
-                raise Diverged(f"training loss became {float(seen[first])} at epoch {epoch + 1}, step {first + 1} "
-                               f"(last finite loss {last_finite_loss:.4g}); lower --lr")
-            if finite.any():
-                last_finite_loss = float(seen[finite.nonzero()[-1]])
+            dev.synchronize(loop.device)
+            p.warmup_seconds = p.seconds + time.perf_counter() - start
+        if _stop_requested(loop.stop, i, n):  # the step is finished: save the epoch so far
+            dev.synchronize(loop.device)
+            so_far = p.saved(i + 1, p.seconds + time.perf_counter() - start, last_finite_loss)
+            raise Interrupted(f"interrupted at epoch {epoch + 1}, step {i + 1} of {n}", so_far)
+        if (i + 1) % SYNC_EVERY == 0 or i + 1 == n:  # every rank decides on the same numbers
+            last_finite_loss = _check_losses(loop, _mean_over_ranks(p.losses[: i + 1]), epoch, last_finite_loss)
             bar.set_postfix(loss=f"{last_finite_loss:.3f}",
                             img_s=f"{(i + 1 - begin) * loader.batch_size / (time.perf_counter() - start):.0f}")
-    losses, correct = _mean_over_ranks(losses), distributed.sum_(correct)
+    losses, correct = _mean_over_ranks(p.losses), distributed.sum_(p.correct)
     finite = torch.isfinite(losses)
     mean_loss = float(losses[finite].mean()) if bool(finite.any()) else math.nan
     images = n * loader.batch_size
-    measured = dict(zip(grad_stats, torch.stack(list(grad_stats.values())).tolist())) if grad_stats else {}
-    fp8_measured = dict(zip(fp8_stats, torch.stack(list(fp8_stats.values())).tolist())) if fp8_stats else {}
-    rows = []
-    for i, (loss, lr, scale, skipped) in enumerate(zip(losses.tolist(), lrs, scales, skips)):
-        largest, zeros, underflow, elements = measured.get(i, (math.nan,) * 3 + (1.0,))
-        rows.append(dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
-                         grad_max_abs=largest, grad_zero_frac=zeros / elements,
-                         grad_underflow_frac=underflow / elements,
-                         **dict(zip(FP8_COLUMNS, fp8_measured.get(i, (math.nan,) * len(FP8_COLUMNS))))))
-    return EpochStats(mean_loss, int(correct) / images, sum(skips), images, last_finite_loss, rows, seconds_before,
-                      warmup_seconds, warmup_steps * loader.batch_size, memory)
+    loop.last_finite_loss = last_finite_loss
+    return EpochStats(mean_loss, int(correct) / images, sum(p.skips), images,
+                      p.step_rows(losses.tolist(), first_step, epoch), p.seconds, p.warmup_seconds,
+                      warmup_steps * loader.batch_size, memory)
 
 
-def _numpy_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-            "cached_gaussian": cached}
-
-
-def _set_numpy_state(state: dict) -> None:
-    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
-
-
-def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict, bool], None] | None = None,
-          log: Callable[[str], None] = print, resume: dict | None = None, stop=None) -> RunResult:
-    """Train ``cfg.model`` in ``cfg.mode`` on ``splits`` and evaluate it on the test split.
-
-    With the same seed, every mode starts from the same FP32 weights and sees the same batches.
-
-    ``on_epoch(result, checkpoint, improved)`` is called before the first epoch and after every epoch
-    with the state to save (``checkpoint``: everything :func:`train` needs to go on, for ``resume``)
-    and whether the validation accuracy improved. ``stop`` (a ``threading.Event``) ends the run as
-    ``interrupted`` after the current step."""
+def setup_device(cfg: RunConfig) -> torch.device:
+    """This process's device, in the torchrun group when there is one, with the options that depend on the
+    group's size checked: once per run, before any data is read."""
     device = distributed.init(dev.resolve_device(cfg.device))  # this rank's, under torchrun
+    check_world(cfg, distributed.world_size())
+    return device
+
+
+def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | None, stop) -> tuple[Loop, list]:
+    """The run's parts, seeded: the loop over the training split, and the validation and test loaders."""
     world = distributed.world_size()
-    check_world(cfg, world)
-    if not distributed.is_main():
-        log = _quiet
     tf32 = dev.configure(device, cfg.deterministic, cfg.tf32)
     seed_everything(cfg.seed)
     # the one place that decides the memory format: the model's weights here, the batches in the loaders
@@ -292,55 +327,40 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     train_loader = CifarLoader(*splits.train, cfg.batch_size, train=True, device=device, seed=cfg.seed,
                                pad=cfg.crop_padding, memory_format=memory_format, rank=distributed.rank(), world_size=world)
     # evaluation: each rank its contiguous shard of the split, gathered in evaluate()
-    val_loader, test_loader = (
+    eval_loaders = [
         CifarLoader(images[distributed.shard(len(labels))], labels[distributed.shard(len(labels))], EVAL_BATCH_SIZE,
                     train=False, device=device, memory_format=memory_format)
-        for images, labels in (splits.val, splits.test))
+        for images, labels in (splits.val, splits.test)]
     scheduler = make_scheduler(cfg, precision.optimizer, len(train_loader))
     result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params, macs,
                        notes=precision.notes, tf32=tf32, world_size=world,
                        fp8=precision.fp8.describe() if precision.fp8 is not None else None)
-    scaled = precision.loss_scale() is not None
-    start_epoch, best_val_acc, last_finite_loss = 0, -1.0, math.nan
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if resume["master"] is not None:
-            precision.master.load_state_dict(resume["master"])
-        precision.optimizer.load_state_dict(resume["optimizer"])
-        if resume["scaler"] is not None:
-            precision.scaler.load_state_dict(resume["scaler"])
-        if resume.get("fp8") is not None:
-            precision.fp8.load_state_dict(resume["fp8"])
-        scheduler.load_state_dict(resume["scheduler"])
-        dev.set_rng_states(device, resume["rng"])
-        _set_numpy_state(resume["numpy_rng"])
-        random.setstate(resume["python_rng"])
-        progress = resume["progress"]
-        for key in ("epochs", "steps", "train_time_s", "train_images", "warmup_time_s", "warmup_images",
-                    "skipped_steps"):
-            setattr(result, key, progress.get(key, 0))
-        start_epoch, best_val_acc, last_finite_loss = resume["epoch"], progress["best_val_acc"], \
-            progress["last_finite_loss"]
-        # the loader's position is (epoch, batch): epoch e's order and augmentation come from seed + e
+    loop = Loop(cfg, model, precision, scheduler, train_loader, device, result,
+                scaled=precision.loss_scale() is not None, stop=stop)
+    return loop, eval_loaders
 
-    def checkpoint(epochs_done: int, partial_epoch: dict | None = None) -> dict:
-        return {
-            "epoch": epochs_done,
-            "partial_epoch": partial_epoch,  # the next epoch's progress when an interruption cut it short
-            "model": model.state_dict(),
-            "master": precision.master.state_dict() if precision.master and precision.master.enabled else None,
-            "optimizer": precision.optimizer.state_dict(),
-            "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
-            "fp8": precision.fp8.state_dict() if precision.fp8 is not None else None,  # amax histories, scales
-            "scheduler": scheduler.state_dict(),
-            "rng": dev.rng_states(device), "numpy_rng": _numpy_state(), "python_rng": random.getstate(),
-            "progress": {"epochs": result.epochs, "steps": result.steps, "train_time_s": result.train_time_s,
-                         "train_images": result.train_images, "warmup_time_s": result.warmup_time_s,
-                         "warmup_images": result.warmup_images, "skipped_steps": result.skipped_steps,
-                         "best_val_acc": best_val_acc, "last_finite_loss": last_finite_loss},
-        }
 
-    log(f"{cfg.model} ({params / 1e6:.2f}M params, {macs / 1e9:.3f} GMAC per image"
+def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict, bool], None] | None = None,
+          log: Callable[[str], None] = print, resume: dict | None = None, stop=None,
+          device: torch.device | None = None) -> RunResult:
+    """Train ``cfg.model`` in ``cfg.mode`` on ``splits`` and evaluate it on the test split.
+
+    With the same seed, every mode starts from the same FP32 weights and sees the same batches.
+
+    ``on_epoch(result, checkpoint, improved)`` is called before the first epoch and after every epoch
+    with the state to save (``checkpoint``: everything :func:`train` needs to go on, for ``resume``)
+    and whether the validation accuracy improved. ``stop`` (a ``threading.Event``) ends the run as
+    ``interrupted`` after the current step. ``device`` is :func:`setup_device`'s, when the caller set it up."""
+    device = setup_device(cfg) if device is None else device
+    world = distributed.world_size()
+    if not distributed.is_main():
+        log = _quiet
+    loop, (val_loader, test_loader) = _build(cfg, splits, device, resume, stop)
+    result, precision, model = loop.result, loop.precision, loop.model
+    # the loader's position is (epoch, batch): epoch e's order and augmentation come from seed + e
+    start_epoch = checkpoint.restore(loop, resume) if resume is not None else 0
+
+    log(f"{cfg.model} ({result.params / 1e6:.2f}M params, {result.macs / 1e9:.3f} GMAC per image"
         + (", ImageNet weights" if cfg.pretrained else "") + (", channels_last" if cfg.channels_last else "")
         + f"), mode {cfg.mode}: {precision.description}; "
         f"device {device} ({dev.device_name(device)})"
@@ -349,7 +369,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         f"{len(splits.val[1])} val / {len(splits.test[1])} test images"
         + (f"; resuming after epoch {start_epoch}" if resume is not None else ""))
     if on_epoch and resume is None:
-        on_epoch(result, checkpoint(0), False)  # so that an interruption in epoch 1 has a checkpoint too
+        on_epoch(result, checkpoint.save(loop, 0), False)  # so that an interruption in epoch 1 has a checkpoint too
 
     dev.reset_peak_memory(device)
     try:
@@ -358,11 +378,9 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
                 raise Interrupted(f"interrupted before epoch {epoch + 1}; --resume continues there")
             partial = resume.get("partial_epoch") if resume is not None and epoch == start_epoch else None
             with dev.Timer(device) as t:
-                stats = _train_epoch(precision, scheduler, model, train_loader, epoch, len(result.steps) + 1, cfg,
-                                     scaled, last_finite_loss, stop, partial, result.memory)
+                stats = _train_epoch(loop, epoch, partial)
             result.memory = stats.memory
             seconds = stats.seconds_before + t.seconds
-            last_finite_loss = stats.last_finite_loss
             result.steps += stats.steps
             result.train_time_s += seconds
             result.train_images += stats.images
@@ -378,11 +396,11 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
                 f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.4g}  {seconds:.1f}s "
                 f"({stats.images / seconds:.0f} img/s)"
-                + (f"  loss scale {row['loss_scale']:g}, {stats.skipped_steps} skipped" if scaled else ""))
-            improved = val_acc > best_val_acc
-            best_val_acc = max(best_val_acc, val_acc)
+                + (f"  loss scale {row['loss_scale']:g}, {stats.skipped_steps} skipped" if loop.scaled else ""))
+            improved = val_acc > loop.best_val_acc
+            loop.best_val_acc = max(loop.best_val_acc, val_acc)
             if on_epoch:
-                on_epoch(result, checkpoint(epoch + 1), improved)
+                on_epoch(result, checkpoint.save(loop, epoch + 1), improved)
         if stop is not None and distributed.any_rank(stop.is_set()):
             raise Interrupted("interrupted before the test evaluation; --resume runs it")
     except (Diverged, LossScaleCollapse) as e:
@@ -390,7 +408,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     except Interrupted as e:
         result.status, result.error = "interrupted", str(e)
         if on_epoch and e.partial is not None:  # the model has moved on since the epoch's start: save it
-            on_epoch(result, checkpoint(epoch, e.partial), False)
+            on_epoch(result, checkpoint.save(loop, epoch, e.partial), False)
     result.peak_memory_bytes = dev.peak_memory_bytes(device)
     result.final_loss_scale = precision.loss_scale()
     if result.status == "completed":

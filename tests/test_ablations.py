@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from mixprec import models
-from mixprec.config import RunConfig, UsageError
+from mixprec.cli import UsageError
+from mixprec.config import RunConfig
 from mixprec.data import load_cifar10, make_splits
 from mixprec.steps import setup_precision
 from mixprec.train import train
@@ -53,21 +54,6 @@ def test_injected_overflow_skips_backs_off_and_holds_the_lr_schedule(tiny_cifar,
     assert lrs[0] != lrs[1]  # the cosine schedule moves after a step that was taken...
     assert lrs[1] == lrs[2]  # ...and stands still after the skipped one
     assert lrs[4] == lrs[5]
-
-
-def test_overflow_skip_leaves_master_weights_and_momentum_bit_identical():
-    torch.manual_seed(0)
-    p = setup_precision(_cfg(inject_overflow=(2,), momentum=0.9), TinyNet(), CPU)
-    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
-    assert not p.step(x, y).skipped
-    weights = [m.detach().clone() for m in p.master.params]
-    momentum = [p.optimizer.state[m]["momentum_buffer"].clone() for m in p.master.params]
-    half = [t.detach().clone() for t in p.master.model_params]
-    assert p.step(x, y).skipped
-    assert all(torch.equal(a, b) for a, b in zip(weights, p.master.params))
-    assert all(torch.equal(a, p.optimizer.state[m]["momentum_buffer"]) for a, m in zip(momentum, p.master.params))
-    assert all(torch.equal(a, b) for a, b in zip(half, p.master.model_params))
-    assert p.loss_scale() == 2.0**15
 
 
 @pytest.mark.parametrize("mode", ["manual", "amp", "baseline"])
@@ -153,12 +139,8 @@ def test_min_scale_raise_fails_the_run_with_the_reason(tiny_cifar):
     (dict(mode="baseline", inject_overflow=(3,)), "needs a loss scaler"),
     (dict(loss_scale="-2"), "positive number"),
     (dict(batch_size=10, accumulate=4), "equal micro-batches"),
+    (dict(mode="amp", amp_dtype="bfloat16", inject_overflow=(1,)), "needs a GradScaler, which only float16 uses"),
 ])
 def test_meaningless_combinations_are_refused(kw, message):
     with pytest.raises(UsageError, match=message):
         _cfg(**kw)
-
-
-def test_amp_injection_needs_float16():
-    with pytest.raises(UsageError, match="float16"):
-        setup_precision(_cfg(mode="amp", amp_dtype="bfloat16", inject_overflow=(1,)), TinyNet(), CPU)

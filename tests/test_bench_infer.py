@@ -2,10 +2,11 @@ import copy
 import math
 
 import pandas as pd
+import pytest
 import torch
 
 from mixprec.bench_infer import main, prepare
-from mixprec.models import build_model
+from mixprec.models import build_model, count_params
 
 
 def test_modes_compute_the_same_logits_in_their_precisions():
@@ -30,8 +31,13 @@ def test_writes_one_row_per_model_and_mode_and_appends(tmp_path, capsys):
     rows = pd.read_csv(out)
     assert len(rows) == 6 and set(zip(rows.model, rows["mode"])) == {
         (m, mode) for m in ("resnet20", "mobilenet_v2") for mode in ("baseline", "amp", "manual")}
-    assert (rows.mean_ms > 0).all() and (rows.std_ms >= 0).all() and (rows.min_ms <= rows.mean_ms).all()
-    assert (rows.peak_memory_bytes > 0).all() and (rows.repeats == 3).all() and (rows.device == "cpu").all()
+    fp32 = rows[rows["mode"] == "baseline"].set_index("model").mean_ms
+    assert rows.speedup_vs_fp32.tolist() == pytest.approx((rows.model.map(fp32) / rows.mean_ms).tolist())
+    params = {m: count_params(build_model(m)) for m in ("resnet20", "mobilenet_v2")}
+    assert rows.params.tolist() == rows.model.map(params).tolist()
+    assert (rows.peak_memory_bytes >= 4 * rows.params).all()  # the process holds the FP32 weights at least
+    assert rows.half_compute.isna().tolist() == (rows["mode"] == "baseline").tolist()  # FP32 has no half compute
+    assert set(rows.half_compute.dropna()) == {"emulated"} and (rows.repeats == 3).all() and (rows.device == "cpu").all()
     assert rows.device_name.notna().all() and set(rows.dtype) == {"float32", "autocast float16", "float16"}
     assert (rows[rows["mode"] == "baseline"].speedup_vs_fp32 == 1.0).all()
     assert math.isclose(rows.gmacs_per_image[0], 0.040813184)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixprec import data as data_mod
-from mixprec.config import UsageError
+from mixprec.cli import UsageError
 from mixprec.data import CifarLoader, DataError, load_cifar10, make_splits, random_crop_flip
 
 
@@ -62,7 +62,8 @@ def test_bad_data_paths_raise_a_clear_error(case, tiny_cifar, tmp_path):
 def test_corrupt_gzip_stream_is_a_data_error(tmp_path):
     path = tmp_path / "bad.tar.gz"
     path.write_bytes(gzip.compress(b"x" * 1000)[:-20] + b"garbage")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"^cannot read archive .*bad\.tar\.gz \((BadGzipFile|EOFError|ReadError)"
+                                         r".*\); it is truncated or"):
         load_cifar10(path)
 
 

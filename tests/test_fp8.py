@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec import models
-from mixprec.config import RunConfig, UsageError
+from mixprec.cli import UsageError
+from mixprec.config import RunConfig
 from mixprec.fp8 import COLUMNS, E4M3, E5M2, Fp8Recipe, Fp8Tensor, TensorScaling, dequantize, scaled_cast, widen
 from mixprec.halfops import emulated_half_compute
 from mixprec.steps import setup_precision

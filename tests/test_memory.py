@@ -27,11 +27,6 @@ def test_breakdown_by_role_on_a_real_step(breakdowns):
     assert manual["grads"] == manual["weights"] - _buffer_bytes() + 4 * params  # half grads + FP32 master grads
 
 
-def test_half_precision_halves_the_activations(breakdowns):
-    ratio = breakdowns["manual"]["activations"] / breakdowns["baseline"]["activations"]
-    assert 0.49 < ratio < 0.52
-
-
 def _buffer_bytes():
     return sum(b.numel() * b.element_size() for b in build_model("resnet20").buffers())  # FP32 BN statistics
 

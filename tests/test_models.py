@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec.config import RunConfig, UsageError
+from mixprec.cli import UsageError
+from mixprec.config import RunConfig
 from mixprec.models import MODELS, adaptations, build_model, count_macs, count_params, has_pretrained
 from mixprec.steps import setup_precision
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixprec.config import RunConfig, UsageError
+from mixprec.cli import UsageError
+from mixprec.config import RunConfig
 from mixprec.steps import setup_precision
 from mixprec.train import LR_WARMUP_START, make_scheduler
 from tests.test_ablations import CPU, TinyNet, _cfg, _train, tiny_model  # noqa: F401 (tiny_model: autouse fixture)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +10,8 @@ import torch
 
 from mixprec.config import RunConfig, option_name
 from mixprec.fp8 import COLUMNS as FP8_COLUMNS
+from mixprec.models import build_model, count_params
+from mixprec.results import RunSummary, read_summary
 from mixprec.run import main
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "loss_scale",
@@ -21,33 +24,37 @@ def _only_run(out: Path) -> Path:
     return runs[0]
 
 
-def _check_run_dir(run: Path, mode: str, classes: int = 10, epochs: int = 1) -> dict:
+def _check_run_dir(run: Path, mode: str, classes: int = 10, epochs: int = 1) -> RunSummary:
     for name in ("config.json", "env.json", "epochs.csv", "steps.csv", "confusion_matrix.csv", "summary.json",
                  "train.log"):
         assert (run / name).exists(), name
     assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
-    s = json.loads((run / "summary.json").read_text())
-    assert s["status"] == "completed" and s["mode"] == mode and s["epochs"] == epochs
-    assert 0.0 <= s["test_accuracy"] <= 1.0
-    assert len(s["per_class_accuracy"]) == classes
-    cm = s["confusion_matrix"]
-    assert len(cm) == classes and sum(map(sum, cm)) == s["test_images"]
-    assert abs(sum(cm[i][i] for i in range(classes)) / s["test_images"] - s["test_accuracy"]) < 1e-6
-    assert s["train_time_s"] > 0 and s["peak_memory_bytes"] > 0 and s["params"] > 0
-    steps_run = len(pd.read_csv(run / "steps.csv"))
-    assert s["warmup_steps"] == 20 and (s["images_per_s"] is None) == (steps_run <= 20)  # all warm-up: no figure
-    assert set(s["memory"]) == {"weights", "master_weights", "grads", "optimizer_state", "activations"}
-    assert (s["memory"]["master_weights"] > 0) == (mode == "manual") and s["memory"]["activations"] > 0
-    if mode == "baseline":
-        assert s["skipped_steps"] is None and s["final_loss_scale"] is None
-    else:
-        assert s["skipped_steps"] >= 0
+    assert list(json.loads((run / "summary.json").read_text())) == [f.name for f in fields(RunSummary)]
+    s = read_summary(run)
+    assert s.status == "completed" and s.mode == mode and s.epochs == epochs == s.epochs_completed
+    cm = s.confusion_matrix
+    assert len(cm) == classes and sum(map(sum, cm)) == s.test_images
+    assert abs(sum(cm[i][i] for i in range(classes)) / s.test_images - s.test_accuracy) < 1e-6
+    assert list(s.per_class_accuracy.values()) == pytest.approx([row[i] / max(sum(row), 1) for i, row in enumerate(cm)])
     epoch_rows = pd.read_csv(run / "epochs.csv")
+    assert s.final_val_accuracy == pytest.approx(epoch_rows.val_acc.iloc[-1])
+    assert s.train_time_s == pytest.approx(epoch_rows.epoch_time_s.sum())  # the epochs' time, and nothing else
+    assert s.peak_memory_bytes >= sum(s.memory.values())  # the process's peak holds the training step's tensors
+    with torch.device("meta"):
+        assert s.params == count_params(build_model(s.model, num_classes=classes))
+    steps_run = len(pd.read_csv(run / "steps.csv"))
+    assert s.warmup_steps == 20 and (s.images_per_s is None) == (steps_run <= 20)  # all warm-up: no figure
+    assert set(s.memory) == {"weights", "master_weights", "grads", "optimizer_state", "activations"}
+    assert (s.memory["master_weights"] > 0) == (mode == "manual") and s.memory["activations"] > 0
+    if mode == "baseline":
+        assert s.skipped_steps is None and s.final_loss_scale is None
+    else:
+        assert s.skipped_steps == epoch_rows.skipped_steps.sum()
     assert list(epoch_rows.columns) == EPOCH_COLUMNS and len(epoch_rows) == epochs
     steps = pd.read_csv(run / "steps.csv")
     assert list(steps.columns) == ["step", "epoch", "loss", "lr", "loss_scale", "skipped", "grad_max_abs",
                                    "grad_zero_frac", "grad_underflow_frac", *FP8_COLUMNS]
-    assert steps[list(FP8_COLUMNS)].isna().all().all() == (s["fp8"] is None)  # NaN unless the run trained in FP8
+    assert steps[list(FP8_COLUMNS)].isna().all().all() == (s.fp8 is None)  # NaN unless the run trained in FP8
     assert steps["step"].tolist() == list(range(1, len(steps) + 1))
     if mode == "manual":  # telemetry measured at step 1 (and every --telemetry-every after)
         assert steps["grad_max_abs"][0] > 0 and 0 <= steps["grad_underflow_frac"][0] <= 1
@@ -66,12 +73,12 @@ def test_one_epoch_smoke_run_on_cifar10(mode, real_data, tmp_path):
                  "--data", str(real_data), "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
     s = _check_run_dir(_only_run(tmp_path), mode)
-    assert s["train_images"] == 256 and s["test_images"] == 256 and s["test_subset"] == 256
-    assert s["amp_dtype"] == ("float16" if mode == "amp" else None)  # float16 on a CPU too, unless asked
-    assert s["tf32"] is False  # a CPU has no TF32
-    assert s["half_compute"] == (None if mode == "baseline" else "emulated")
+    assert s.train_images == 256 and s.test_images == 256 and s.test_subset == 256
+    assert s.amp_dtype == ("float16" if mode == "amp" else None)  # float16 on a CPU too, unless asked
+    assert s.tf32 is False  # a CPU has no TF32
+    assert s.half_compute == (None if mode == "baseline" else "emulated")
     if mode != "baseline":  # GradScaler in amp, ours in manual: the same start, no overflow in two steps
-        assert s["final_loss_scale"] == 2.0**16
+        assert s.final_loss_scale == 2.0**16
 
 
 def test_modes_start_from_the_same_weights():
@@ -96,7 +103,7 @@ def test_synthetic_data_run_end_to_end(tiny_cifar, tmp_path):
                  "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
     s = _check_run_dir(_only_run(tmp_path), "manual")
-    assert s["train_images"] == 180 and s["val_images"] == 20 and s["test_images"] == 40
+    assert s.train_images == 180 and s.val_images == 20 and s.test_images == 40
 
 
 def test_channels_last_and_macs_are_recorded(tiny_cifar, tmp_path):
@@ -105,8 +112,8 @@ def test_channels_last_and_macs_are_recorded(tiny_cifar, tmp_path):
     assert code == 0
     run = _only_run(tmp_path)
     s = _check_run_dir(run, "manual")
-    assert s["channels_last"] is True and s["pretrained"] is False
-    assert s["macs"] == 40_813_184  # FlopCounterMode's count for one 32x32 image (tests/test_models.py)
+    assert s.channels_last is True and s.pretrained is False
+    assert s.macs == 40_813_184  # FlopCounterMode's count for one 32x32 image (tests/test_models.py)
     config = json.loads((run / "config.json").read_text())
     assert config["channels_last"] is True and config["pretrained"] is False
 
@@ -132,9 +139,9 @@ def test_images_per_s_leaves_out_the_first_20_steps(tiny_cifar, tmp_path):
                  "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
     s = _check_run_dir(_only_run(tmp_path), "baseline", epochs=2)
-    assert 0 < s["warmup_time_s"] < s["train_time_s"]
+    assert 0 < s.warmup_time_s < s.train_time_s
     timed_images = 2 * 180 - 20 * 6  # two epochs of 30 steps of 6 images, less the first epoch's first 20 steps
-    assert s["images_per_s"] == pytest.approx(timed_images / (s["train_time_s"] - s["warmup_time_s"]))
+    assert s.images_per_s == pytest.approx(timed_images / (s.train_time_s - s.warmup_time_s))
 
 
 def test_divergence_fails_the_run_with_its_reason(tiny_cifar, tmp_path):
@@ -296,6 +303,14 @@ def test_compile_traces_the_model_in_every_mode_and_is_recorded(tiny_cifar, tmp_
         assert code == 0
         run = _only_run(out)
         s = _check_run_dir(run, mode)
-        assert s["compile"] is True and json.loads((run / "config.json").read_text())["compile"] is True
+        assert s.compile is True and json.loads((run / "config.json").read_text())["compile"] is True
         assert counters["stats"]["unique_graphs"] >= 1  # Dynamo really traced the model
     assert len(compiled) == 2
+
+
+def test_the_report_requires_summary_fields_that_the_record_has():
+    from mixprec.report import REQUIRED
+    from mixprec.results import SUMMARY_REQUIRED
+
+    assert set(SUMMARY_REQUIRED) <= {f.name for f in fields(RunSummary)}
+    assert REQUIRED["summary.json"] == SUMMARY_REQUIRED

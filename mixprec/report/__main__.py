@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import UsageError, _OneLineParser
+from ..cli import OneLineParser, UsageError
 from ..results import write_text
 from .figures import CAPTIONS, write_figures
 from .groups import Group, group_runs
@@ -103,7 +103,7 @@ def make_report(root: Path, out: Path | None = None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineParser(
         prog=PROG,
         description="Summarize the run directories under RESULTS_DIR: comparison, grid and per-class tables "
         "(markdown and CSV), figures, and report.md.",

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import UsageError
-from ..results import read_json
+from ..cli import UsageError
+from ..results import SUMMARY_REQUIRED, read_json
 
 INFERENCE_CSV = "bench_infer.csv"  # python -m mixprec.bench_infer --out RESULTS_DIR/bench_infer.csv
 REQUIRED = {
     "config.json": ("mode", "model", "seed"),
     "env.json": ("torch", "device_name"),
-    "summary.json": ("test_accuracy", "train_time_s", "peak_memory_bytes", "per_class_accuracy", "confusion_matrix"),
+    "summary.json": SUMMARY_REQUIRED,
     "epochs.csv": ("epoch", "train_loss", "train_acc", "val_loss", "val_acc"),
     "steps.csv": ("step", "loss_scale", "skipped"),
     INFERENCE_CSV: ("image_size", "batch_size", "repeats", "mean_ms", "std_ms", "peak_memory_bytes"),
