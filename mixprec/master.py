@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+COLUMNS = ("update_lost_frac", "decay_lost_frac")  # steps.csv, NaN where not measured (see lost_updates)
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -91,7 +92,8 @@ class MasterWeights:
 def lost_updates(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
     """What SGD steps on half-precision weights (no master weights) lose to rounding, measured after
     ``optimizer.step()`` from the weights ``before`` it: ``[updates lost, nonzero updates, decays lost,
-    nonzero weights]`` as one device tensor (no host sync).
+    nonzero weights]`` over the half-precision parameters (FP32 ones, BatchNorm's, are left out), as one device
+    tensor (no host sync).
 
     * An update is lost where SGD's step direction ``d`` is nonzero and yet ``w - lr * d == w`` in the
       weight's precision: the weight did not move. ``d`` is recomputed in FP32 from the gradient, the
@@ -105,7 +107,7 @@ def lost_updates(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], b
     device = params[0].device
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for p, w in zip(params, before, strict=True):
-        if p.grad is None:
+        if p.grad is None or p.dtype == torch.float32:  # BatchNorm stays FP32 (and so keeps its updates)
             continue
         group = groups[id(p)]
         lr, wd, momentum = group["lr"], group.get("weight_decay", 0.0), group.get("momentum", 0.0)

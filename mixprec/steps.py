@@ -107,7 +107,8 @@ def manual_step(model, optimizer, images, labels, *, master: MasterWeights, scal
     if not skipped:
         if clip:
             nn.utils.clip_grad_norm_(master.params, clip)  # the unscaled master gradients
-        optimizer.step()  # the update happens on the FP32 master weights
+        with master.watching(optimizer, scaler.telemetry_due()):  # --no-master-weights: what rounding loses
+            optimizer.step()  # the update happens on the FP32 master weights
         master.copy_to_model_()
     scaler.update(skipped)
     return StepOut(loss, torch.cat(logits), skipped)
@@ -161,6 +162,11 @@ class Precision:
     def pop_fp8_stats(self) -> torch.Tensor | None:
         """FP8 saturation, flush-to-zero and scales measured at the last step, if any (see :mod:`mixprec.fp8`)."""
         return self.fp8.pop_stats() if self.fp8 is not None else None
+
+    def pop_update_stats(self) -> torch.Tensor | None:
+        """Updates and weight decays lost to rounding at the last step, if measured (manual mode without master
+        weights, see :func:`mixprec.master.lost_updates`)."""
+        return self.master.pop_stats() if self.master is not None else None
 
 
 def _with_injection(scaler, cfg: RunConfig):

@@ -28,6 +28,7 @@ from .cli import UsageError
 from .config import RunConfig
 from .data import CifarLoader, Splits
 from .fp8 import COLUMNS as FP8_COLUMNS
+from .master import COLUMNS as UPDATE_COLUMNS
 from .memory import SavedTensorBytes, breakdown
 from .models import build_model, count_macs, count_params
 from .scaler import LossScaleCollapse
@@ -185,6 +186,7 @@ class EpochProgress:
     skips: list = field(default_factory=list)
     grad_stats: dict = field(default_factory=dict)  # step -> the scaler's gradient statistics
     fp8_stats: dict = field(default_factory=dict)  # step -> the FP8 layers' statistics
+    update_stats: dict = field(default_factory=dict)  # step -> updates lost to rounding (no master weights)
     steps_done: int = 0
     seconds: float = 0.0  # training time before this stretch of the epoch (an interruption's)
     warmup_seconds: float = 0.0
@@ -199,6 +201,7 @@ class EpochProgress:
                    partial["lrs"], partial["scales"], partial["skips"],
                    {int(k): v.to(device) for k, v in partial["grad_stats"].items()},
                    {int(k): v.to(device) for k, v in partial.get("fp8_stats", {}).items()},
+                   {int(k): v.to(device) for k, v in partial.get("update_stats", {}).items()},
                    partial["steps_done"], partial["seconds"], partial.get("warmup_seconds", 0.0))
 
     def saved(self, steps_done: int, seconds: float, last_finite_loss: float) -> dict:
@@ -207,6 +210,7 @@ class EpochProgress:
                 "correct": distributed.sum_(self.correct.clone()).cpu(), "lrs": self.lrs, "scales": self.scales,
                 "skips": self.skips, "grad_stats": {k: v.cpu() for k, v in self.grad_stats.items()},
                 "fp8_stats": {k: v.cpu() for k, v in self.fp8_stats.items()},
+                "update_stats": {k: v.cpu() for k, v in self.update_stats.items()},
                 "warmup_seconds": self.warmup_seconds, "seconds": seconds, "last_finite_loss": last_finite_loss}
 
     def step_rows(self, losses: list[float], first_step: int, epoch: int) -> list[dict]:
@@ -214,13 +218,17 @@ class EpochProgress:
         grad = dict(zip(self.grad_stats, torch.stack(list(self.grad_stats.values())).tolist())) \
             if self.grad_stats else {}
         fp8 = dict(zip(self.fp8_stats, torch.stack(list(self.fp8_stats.values())).tolist())) if self.fp8_stats else {}
+        updates = dict(zip(self.update_stats, torch.stack(list(self.update_stats.values())).tolist())) \
+            if self.update_stats else {}
         rows = []
         for i, (loss, lr, scale, skipped) in enumerate(zip(losses, self.lrs, self.scales, self.skips)):
             largest, zeros, underflow, elements = grad.get(i, (math.nan,) * 3 + (1.0,))
+            lost, moving, decays_lost, nonzero = updates.get(i, (math.nan, 1.0) * 2)
             rows.append(dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
                              grad_max_abs=largest, grad_zero_frac=zeros / elements,
                              grad_underflow_frac=underflow / elements,
-                             **dict(zip(FP8_COLUMNS, fp8.get(i, (math.nan,) * len(FP8_COLUMNS))))))
+                             **dict(zip(FP8_COLUMNS, fp8.get(i, (math.nan,) * len(FP8_COLUMNS)))),
+                             **dict(zip(UPDATE_COLUMNS, (lost / max(moving, 1), decays_lost / max(nonzero, 1))))))
         return rows
 
 
@@ -282,6 +290,8 @@ def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
             p.grad_stats[i] = stats  # stays on the device: read once, at the end of the epoch
         if (stats := precision.pop_fp8_stats()) is not None:
             p.fp8_stats[i] = stats  # likewise
+        if (stats := precision.pop_update_stats()) is not None:
+            p.update_stats[i] = stats  # likewise
         if i + 1 == warmup_steps:
             dev.synchronize(loop.device)
             p.warmup_seconds = p.seconds + time.perf_counter() - start
