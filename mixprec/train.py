@@ -215,11 +215,7 @@ class EpochProgress:
 
     def step_rows(self, losses: list[float], first_step: int, epoch: int) -> list[dict]:
         """``steps.csv``'s rows of the finished epoch (reads the statistics off the device: a host sync)."""
-        grad = dict(zip(self.grad_stats, torch.stack(list(self.grad_stats.values())).tolist())) \
-            if self.grad_stats else {}
-        fp8 = dict(zip(self.fp8_stats, torch.stack(list(self.fp8_stats.values())).tolist())) if self.fp8_stats else {}
-        updates = dict(zip(self.update_stats, torch.stack(list(self.update_stats.values())).tolist())) \
-            if self.update_stats else {}
+        grad, fp8, updates = map(_to_host, (self.grad_stats, self.fp8_stats, self.update_stats))
         rows = []
         for i, (loss, lr, scale, skipped) in enumerate(zip(losses, self.lrs, self.scales, self.skips)):
             largest, zeros, underflow, elements = grad.get(i, (math.nan,) * 3 + (1.0,))
@@ -230,6 +226,11 @@ class EpochProgress:
                              **dict(zip(FP8_COLUMNS, fp8.get(i, (math.nan,) * len(FP8_COLUMNS)))),
                              **dict(zip(UPDATE_COLUMNS, (lost / max(moving, 1), decays_lost / max(nonzero, 1))))))
         return rows
+
+
+def _to_host(stats: dict) -> dict:
+    """``{step: device tensor}`` as ``{step: list of floats}``, in one transfer (a host sync)."""
+    return dict(zip(stats, torch.stack(list(stats.values())).tolist())) if stats else {}
 
 
 @dataclass
