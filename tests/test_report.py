@@ -428,3 +428,36 @@ def test_telemetry_table_lists_skips_per_seed_and_means_over_measured_steps(tmp_
     assert rows[0]["updates lost to rounding (%)"] == "" and "FP8 gradients flushed to 0 (%)" not in manual
     assert "## Skipped steps and precision telemetry" in (out / "report.md").read_text()
     assert list(pd.read_csv(out / "telemetry.csv")["update_lost_frac"].isna()) == [True, False]
+
+
+def test_runs_named_in_timings_excluded_count_for_accuracy_but_not_for_time(tmp_path, capsys):
+    make_run(tmp_path, "base0", seed=0, acc=0.80, time_s=100.0)
+    make_run(tmp_path, "base1", seed=1, acc=0.82, time_s=20.0)
+    make_run(tmp_path, "manual0", mode="manual", seed=0, acc=0.84, time_s=300.0)  # the loaded machine's time
+    make_run(tmp_path, "manual1", mode="manual", seed=1, acc=0.86, time_s=10.0)
+    write_json(tmp_path / "timings-excluded.json", {"runs/base0": "CI ran beside it", "runs/manual0": "CI ran beside it"})
+    out, _, _ = report(tmp_path, capsys)
+
+    table = pd.read_csv(out / "comparison.csv").set_index("mode")
+    assert table["n"].tolist() == [2, 2] and table.loc["manual", "accuracy_diff_pp"] == pytest.approx(4.0)
+    assert table["train_time_s_mean"].tolist() == pytest.approx([20.0, 10.0])  # seed 1 only
+    assert table.loc["manual", "speedup_vs_baseline"] == pytest.approx(2.0)
+    assert table.loc["manual", "ratios_measured_on"] == "Test CPU (AVX2) (seeds: 1)"
+    assert "resnet20 / manual: the times of seed(s) 0 are not counted" in (out / "comparison.md").read_text()
+    assert "- `runs/manual0`: CI ran beside it" in (out / "report.md").read_text()
+    (ax,) = [ax for ax in time_to_accuracy_figure(group_runs(load_results(tmp_path)[0])).axes if ax.lines]
+    assert [line.get_xdata()[-1] for line in ax.lines] == pytest.approx([20.0, 10.0])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline (n=1)", "manual (n=1)"]
+
+
+@pytest.mark.parametrize("content, expect", [
+    ({"runs/nope": "loaded"}, "names 'runs/nope', which is not a run directory"),
+    ({"runs/base0": ""}, "is not a mapping of run directories to reasons"),
+    (["runs/base0"], "is not a mapping of run directories to reasons"),
+])
+def test_a_bad_timings_excluded_file_is_one_line_and_exit_2(content, expect, tmp_path, capsys):
+    make_run(tmp_path, "base0")
+    write_json(tmp_path / "timings-excluded.json", content)
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(ERROR) and expect in err and "\n" not in err

@@ -14,7 +14,7 @@ from ..cli import OneLineParser, UsageError
 from ..results import write_text
 from .figures import CAPTIONS, write_figures
 from .groups import Group, group_runs
-from .runs import RERUN, BadRun, Excluded, Run, load_results
+from .runs import RERUN, UNTIMED, BadRun, Excluded, Run, load_results
 from .tables import inference_markdown, inference_table, markdown_table, write_tables
 
 PROG = "python -m mixprec.report"
@@ -52,6 +52,11 @@ def report_markdown(root: Path, runs: list[Run], groups: list[Group], excluded: 
     if excluded:
         lines += ["", f"{len(excluded)} run director{'y' if len(excluded) == 1 else 'ies'} not counted:", ""]
         lines += [f"- `{_relative(e.path, root)}`: {e.status}: {e.reason}" for e in excluded]
+    untimed = [r for r in runs if r.untimed is not None]
+    if untimed:
+        lines += ["", (f"{len(untimed)} run(s) counted for accuracy and peak memory but not for times or ratios, as `{UNTIMED}` "
+                       "says:"), ""]
+        lines += [f"- `{_relative(r.path, root)}`: {r.untimed}" for r in untimed]
     titles = {"comparison": "Comparison with the baseline", "grid": "Hyperparameter grid",
               "telemetry": "Skipped steps and precision telemetry", "per_class_accuracy": "Per-class test accuracy", "inference": "Inference latency and memory"}
     for name, text in sections.items():

@@ -126,9 +126,10 @@ def time_to_accuracy_figure(groups: list[Group]):
     fig = _figure(6.4 * ncols, 3.8 * math.ceil(len(per_model) / ncols))
     axes = fig.subplots(math.ceil(len(per_model) / ncols), ncols, squeeze=False).ravel()
     for ax, (model, model_groups) in zip(axes, per_model.items()):
-        for g in model_groups:
+        timed = [g for g in model_groups if g.timed_runs]
+        for g in timed:
             curves = []
-            for r in g.runs:
+            for r in g.timed_runs:
                 e = r.epochs.sort_values("epoch")
                 curves.append(pd.DataFrame({"epoch": e["epoch"], "time": e["epoch_time_s"].cumsum(),
                                             "acc": 100.0 * e["val_acc"]}))
@@ -136,14 +137,14 @@ def time_to_accuracy_figure(groups: list[Group]):
                                                            low=("acc", "min"), high=("acc", "max"))
             ax.plot(stats["time"], stats["mean"], color=palette[g.short], lw=1.5,
                     marker="o" if len(stats) <= 15 else None, ms=3)
-            if g.n > 1:
+            if len(g.timed_runs) > 1:
                 ax.fill_between(stats["time"], stats["low"], stats["high"], color=palette[g.short], alpha=0.15, lw=0)
         ax.set_title(f"{model}: validation accuracy against training time")
         ax.set_xlabel("training time (s, evaluation excluded)")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        ax.legend(handles=[Line2D([], [], color=palette[g.short], label=f"{g.short} (n={g.n})") for g in model_groups],
+        ax.legend(handles=[Line2D([], [], color=palette[g.short], label=f"{g.short} (n={len(g.timed_runs)})") for g in timed],
                   fontsize=8, loc="lower right")
     for ax in axes[len(per_model):]:
         ax.set_axis_off()
@@ -293,7 +294,8 @@ CAPTIONS = {
                   "min..max range of the seeds shaded.",
     "time_to_accuracy.png": "Validation accuracy against training wall-clock time (evaluation excluded) at the end "
                             "of each epoch, mean over seeds with the min..max range of the seeds shaded. Times are "
-                            "those of the machine each group ran on; on a CPU they say nothing about a GPU.",
+                            "those of the machine each group ran on; on a CPU they say nothing about a GPU. Runs whose times "
+                            "timings-excluded.json names are left out (n counts the runs drawn).",
     "loss_scale.png": "The loss scale at every optimizer step (log2 axis), one panel per seed: PyTorch's GradScaler "
                       "(amp) and ours (manual) overlaid; red crosses mark the steps skipped on overflow.",
     "memory.png": "Mean memory by role, measured on the first training step (left), and the mean peak memory "

@@ -15,6 +15,7 @@ TRAINING = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule"
             "accumulate", "clip_grad_norm", "deterministic", "tf32", "compile", "pretrained",
             "channels_last", "warmup_epochs", "label_smoothing", "nesterov", "test_time_flip",
             "crop_padding")  # a baseline must match these
+TIMED = ("train_time_s", "images_per_s", "warmup_time_s")  # summary values that a shared machine corrupts
 LABELLED = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype", "inject_overflow")
 
 
@@ -103,9 +104,15 @@ class Group:
     def title(self) -> str:
         return f"{self.model} / {self.short}"
 
+    @property
+    def timed_runs(self) -> list[Run]:
+        """The runs whose times count: all but those ``timings-excluded.json`` names."""
+        return [r for r in self.runs if r.untimed is None]
+
     def values(self, key: str) -> pd.Series:
-        """A summary value per run (seed), missing ones dropped."""
-        return pd.Series([r.summary.get(key) for r in self.runs], dtype=float).dropna()
+        """A summary value per run (seed), missing ones dropped; a time or speed only of the timed runs."""
+        runs = self.timed_runs if key in TIMED else self.runs
+        return pd.Series([r.summary.get(key) for r in runs], dtype=float).dropna()
 
 
 def _rank(value):

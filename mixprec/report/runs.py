@@ -23,6 +23,9 @@ REQUIRED = {
     INFERENCE_CSV: ("image_size", "batch_size", "repeats", "mean_ms", "std_ms", "peak_memory_bytes"),
 }
 RERUN = "run `python -m mixprec.run --mode ...` or `python -m mixprec.study ...` first"
+# Beside the runs: {"run directory, relative to the results root": "why its times are not to be used"}. For runs
+# whose machine was shared with other work: their accuracy and memory count, their times and speeds do not.
+UNTIMED = "timings-excluded.json"
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Run:
     summary: dict
     epochs: pd.DataFrame
     steps: pd.DataFrame | None = None
+    untimed: str | None = None  # why this run's times are not counted (from UNTIMED), or None
 
     @property
     def seed(self):
@@ -170,8 +174,38 @@ def load_results(root: Path, skip: Path | None = None) -> tuple[list[Run], list[
     dirs = find_run_dirs(root, skip)
     if not dirs:
         raise UsageError(f"{root} holds no run directories: {RERUN}")
+    untimed = read_untimed(root, dirs)
     runs, excluded = [], []
     for d in dirs:
         loaded = load_run(d)
+        if isinstance(loaded, Run):
+            loaded.untimed = untimed.get(d.resolve())
         (runs if isinstance(loaded, Run) else excluded).append(loaded)
     return runs, excluded
+
+
+def read_untimed(root: Path, dirs: list[Path]) -> dict[Path, str]:
+    """``root/timings-excluded.json`` as {resolved run directory: reason}; empty when there is no such file.
+
+    Raises :class:`UsageError` when it is not a JSON object of run directories to one-line reasons, or names a
+    directory that is not one of ``dirs``."""
+    path = root / UNTIMED
+    if not path.exists():
+        return {}
+    fix = (f"make it a JSON object mapping each run directory (relative to {root}) to the reason its times "
+           "are not to be used")
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} cannot be read ({_one_line(e)}): {fix}") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, str) and v.strip() for v in obj.values()):
+        raise UsageError(f"{path} is not a mapping of run directories to reasons: {fix}")
+    known = {d.resolve() for d in dirs}
+    out = {}
+    for name, reason in obj.items():
+        run_dir = (root / name).resolve()
+        if run_dir not in known:
+            raise UsageError(f"{path} names {name!r}, which is not a run directory under {root}: correct or "
+                             "remove that entry")
+        out[run_dir] = _one_line(reason)
+    return out

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..results import write_csv, write_text
 from .groups import Group, _rank, _show, find_baseline, machine_label
-from .runs import INFERENCE_CSV, BadRun, Run, _read_csv
+from .runs import INFERENCE_CSV, UNTIMED, BadRun, Run, _read_csv
 
 GRID = ("lr", "momentum", "weight_decay")
 MIB = 2**20
@@ -51,12 +51,12 @@ def group_stats(group: Group) -> dict:
 
 
 def paired_runs(group: Group, base: Group) -> list[tuple[Run, Run]]:
-    """``(run, baseline run)`` for each of ``group``'s runs that has a baseline run of the same seed on the same
-    machine: the only pairs whose time and memory may be compared."""
+    """``(run, baseline run)`` for each of ``group``'s timed runs that has a timed baseline run of the same seed on
+    the same machine: the only pairs whose time and memory may be compared."""
     pairs = []
-    for run in group.runs:
-        match = next((b for b in base.runs if b.seed == run.seed and machine_label(b.env) == machine_label(run.env)),
-                     None)
+    for run in group.timed_runs:
+        match = next((b for b in base.timed_runs
+                      if b.seed == run.seed and machine_label(b.env) == machine_label(run.env)), None)
         if match is not None:
             pairs.append((run, match))
     return pairs
@@ -163,10 +163,15 @@ def comparison_notes(groups: list[Group]) -> list[str]:
         base = find_baseline(g, groups)
         if base is not None and base is not g and 0 < len(paired_runs(g, base)) < g.n:
             notes.append(f"{g.title}: time and memory ratios from {len(paired_runs(g, base))} of its {g.n} seeds, the "
-                         "ones with a baseline run of the same seed on the same machine.")
+                         "ones with a timed baseline run of the same seed on the same machine.")
         elif base is not None and base is not g and not paired_runs(g, base):
-            notes.append(f"{g.title}: no baseline run of the same seed on the same machine, so no time or memory "
+            notes.append(f"{g.title}: no timed baseline run of the same seed on the same machine, so no time or memory "
                          "ratio.")
+        untimed = [r for r in g.runs if r.untimed is not None]
+        if untimed:
+            notes.append(f"{g.title}: the times of seed(s) {', '.join(str(r.seed) for r in untimed)} are not counted "
+                         f"(train time, images/s, ratios and the time-to-accuracy figure), as {UNTIMED} says: "
+                         + "; ".join(dict.fromkeys(r.untimed for r in untimed)) + ".")
         if g.n == 1:
             against = "" if base is None or base is g else ", and no p-value against its baseline"
             notes.append(f"n = 1: no uncertainty can be given for {g.title}: one seed gives no standard "
