@@ -60,12 +60,13 @@ class MasterWeights:
         """Around ``optimizer.step()``: without master weights, on a ``measure`` step, count what the half
         weights failed to take (for :meth:`pop_stats`); otherwise nothing. With master weights nothing is
         lost to the model's precision, so nothing is measured."""
-        if self.enabled or not measure:
+        halves = [p for p in self.params if p.dtype != torch.float32]  # FP32 (BatchNorm) ones lose nothing
+        if self.enabled or not measure or not halves:
             yield
             return
-        before = [p.detach().clone() for p in self.params]
+        before = [p.detach().clone() for p in halves]
         yield
-        self._stats = lost_updates(optimizer, self.params, before)
+        self._stats = lost_updates(optimizer, halves, before)
 
     def pop_stats(self) -> torch.Tensor | None:
         """``[updates lost, nonzero updates, decays lost, nonzero weights]`` of the last measured step
