@@ -54,8 +54,8 @@ def report_markdown(root: Path, runs: list[Run], groups: list[Group], excluded: 
         lines += [f"- `{_relative(e.path, root)}`: {e.status}: {e.reason}" for e in excluded]
     untimed = [r for r in runs if r.untimed is not None]
     if untimed:
-        lines += ["", (f"{len(untimed)} run(s) counted for accuracy and peak memory but not for times or ratios, as `{UNTIMED}` "
-                       "says:"), ""]
+        lines += ["", (f"{len(untimed)} run(s) counted for accuracy and peak memory but not for times or ratios, "
+                       f"as `{UNTIMED}` says:"), ""]
         lines += [f"- `{_relative(r.path, root)}`: {r.untimed}" for r in untimed]
     titles = {"comparison": "Comparison with the baseline", "grid": "Hyperparameter grid",
               "telemetry": "Skipped steps and precision telemetry", "per_class_accuracy": "Per-class test accuracy", "inference": "Inference latency and memory"}

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..results import write_figure
 from .groups import Group
-from .runs import Run
+from .runs import UNTIMED, Run
 from .tables import MIB, _float, _on_cpu
 
 MEMORY_ROLES = ("weights", "master_weights", "grads", "optimizer_state", "activations")
@@ -295,7 +295,7 @@ CAPTIONS = {
     "time_to_accuracy.png": "Validation accuracy against training wall-clock time (evaluation excluded) at the end "
                             "of each epoch, mean over seeds with the min..max range of the seeds shaded. Times are "
                             "those of the machine each group ran on; on a CPU they say nothing about a GPU. Runs whose times "
-                            "timings-excluded.json names are left out (n counts the runs drawn).",
+                            f"{UNTIMED} names are left out (n counts the runs drawn).",
     "loss_scale.png": "The loss scale at every optimizer step (log2 axis), one panel per seed: PyTorch's GradScaler "
                       "(amp) and ours (manual) overlaid; red crosses mark the steps skipped on overflow.",
     "memory.png": "Mean memory by role, measured on the first training step (left), and the mean peak memory "

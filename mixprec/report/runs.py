@@ -180,7 +180,9 @@ def load_results(root: Path, skip: Path | None = None) -> tuple[list[Run], list[
         loaded = load_run(d)
         if isinstance(loaded, Run):
             loaded.untimed = untimed.get(d.resolve())
-        (runs if isinstance(loaded, Run) else excluded).append(loaded)
+            runs.append(loaded)
+        else:
+            excluded.append(loaded)
     return runs, excluded
 
 
