@@ -10,7 +10,7 @@
 # The recipe is the cifar10 study's (experiments/study_cifar10.sh). Each variant is one python -m mixprec.study
 # call, so OUT/study.json describes the last variant only; the run directories and the report (written once, at
 # the end) hold them all. Run it again after an interruption: completed runs are skipped, an interrupted one
-# resumes. DATA overrides the data path.
+# resumes. DATA overrides the data path; SEEDS (default "0 1") the seeds, e.g. SEEDS=1 for the second alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STUDY=(python -m mixprec.study)
@@ -26,7 +26,8 @@ fi
 OUT=results/ablation-study
 RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.2 --nesterov --momentum 0.9 --weight-decay 5e-4
         --batch-size 64 --label-smoothing 0.1 --crop-padding 2 --test-time-flip)
-COMMON=(--models resnet20 --seeds 0 1 --epochs 8 --subset 10000 --device cpu
+read -r -a SEED_LIST <<< "${SEEDS:-0 1}"
+COMMON=(--models resnet20 --epochs 8 --subset 10000 --device cpu
         --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --out "$OUT" --no-report)
 VARIANTS=(
     "--modes baseline"
@@ -39,9 +40,12 @@ VARIANTS=(
     "--modes manual --manual-dtype float8 --fp8-scaling delayed"
     "--modes manual --manual-dtype float8 --fp8-scaling current"
 )
-for variant in "${VARIANTS[@]}"; do
-    # shellcheck disable=SC2086  # a variant is several words on purpose
-    "${STUDY[@]}" $variant "${RECIPE[@]}" "${COMMON[@]}"
+# Seeds vary slowest, so an interrupted study leaves whole seeds: seed 0's nine rows before any of seed 1's.
+for seed in "${SEED_LIST[@]}"; do
+    for variant in "${VARIANTS[@]}"; do
+        # shellcheck disable=SC2086  # a variant is several words on purpose
+        "${STUDY[@]}" $variant --seeds "$seed" "${RECIPE[@]}" "${COMMON[@]}"
+    done
 done
 if [[ "${1:-}" != --plan ]]; then
     python -m mixprec.report "$OUT"

@@ -450,6 +450,15 @@ def test_runs_named_in_timings_excluded_count_for_accuracy_but_not_for_time(tmp_
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline (n=1)", "manual (n=1)"]
 
 
+def test_time_to_accuracy_says_so_when_every_run_of_a_model_is_untimed(tmp_path):
+    make_run(tmp_path, "base0")
+    make_run(tmp_path, "manual0", mode="manual")
+    write_json(tmp_path / "timings-excluded.json", {"runs/base0": "loaded", "runs/manual0": "loaded"})
+    (ax,) = [ax for ax in time_to_accuracy_figure(group_runs(load_results(tmp_path)[0])).axes if ax.get_visible()]
+    assert not ax.lines and ax.get_legend() is None
+    assert [t.get_text() for t in ax.texts] == ["no timed run (timings-excluded.json names them all)"]
+
+
 @pytest.mark.parametrize("content, expect", [
     ({"runs/nope": "loaded"}, "names 'runs/nope', which is not a run directory"),
     ({"runs/base0": ""}, "is not a mapping of run directories to reasons"),

@@ -144,8 +144,11 @@ def time_to_accuracy_figure(groups: list[Group]):
         ax.set_ylabel("validation accuracy (%)")
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        ax.legend(handles=[Line2D([], [], color=palette[g.short], label=f"{g.short} (n={len(g.timed_runs)})") for g in timed],
-                  fontsize=8, loc="lower right")
+        if timed:
+            ax.legend(handles=[Line2D([], [], color=palette[g.short], label=f"{g.short} (n={len(g.timed_runs)})")
+                               for g in timed], fontsize=8, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, f"no timed run ({UNTIMED} names them all)", transform=ax.transAxes, ha="center")
     for ax in axes[len(per_model):]:
         ax.set_axis_off()
     return fig

@@ -109,6 +109,11 @@ class Group:
         """The runs whose times count: all but those ``timings-excluded.json`` names."""
         return [r for r in self.runs if r.untimed is None]
 
+    @property
+    def untimed_runs(self) -> list[Run]:
+        """The runs ``timings-excluded.json`` names: counted for accuracy and peak memory, not for times."""
+        return [r for r in self.runs if r.untimed is not None]
+
     def values(self, key: str) -> pd.Series:
         """A summary value per run (seed), missing ones dropped; a time or speed only of the timed runs."""
         runs = self.timed_runs if key in TIMED else self.runs

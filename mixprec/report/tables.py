@@ -167,7 +167,7 @@ def comparison_notes(groups: list[Group]) -> list[str]:
         elif base is not None and base is not g and not paired_runs(g, base):
             notes.append(f"{g.title}: no timed baseline run of the same seed on the same machine, so no time or memory "
                          "ratio.")
-        untimed = [r for r in g.runs if r.untimed is not None]
+        untimed = g.untimed_runs
         if untimed:
             notes.append(f"{g.title}: the times of seed(s) {', '.join(str(r.seed) for r in untimed)} are not counted "
                          f"(train time, images/s, ratios and the time-to-accuracy figure), as {UNTIMED} says: "
