@@ -21,14 +21,25 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from .cli import OneLineParser, UsageError, handling_signals
-from .config import MODES, config_from_json, parse_command
+from .config import MODES, RunConfig, config_from_json, parse_command
 
 PROG = "python -m mixprec.study"
 VARIED = ("--mode", "--model", "--seed", "--lr", "--momentum", "--weight-decay", "--resume")
+# options that make a manual run an ablation: a combination's label names those not at their default, so that
+# two variants of one model, mode and seed (an ablation study) get their own label and study-logs/ file
+ABLATIONS = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype", "fp8_scaling",
+             "fp8_amax_history", "fp8_margin", "fp8_all_layers", "inject_overflow")
+
+
+def ablation_label(cfg: RunConfig) -> str:
+    """``""``, or ``" loss_scale=none master_weights=False"``: the run's non-default ablation options."""
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
+    changed = [(k, getattr(cfg, k)) for k in ABLATIONS if getattr(cfg, k) != defaults[k]]
+    return "".join(f" {k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in changed)
 
 
 @dataclass
@@ -88,7 +99,7 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[Combin
         cfg, _ = parse_command(argv_run)  # validates every combination before the first one runs (argparse exits 2)
         grid = "" if len(args.lr) * len(args.momentum) * len(args.weight_decay) == 1 else \
             f" lr={lr:g} momentum={momentum:g} wd={wd:g}"
-        combos.append(Combination(argv_run, f"{model} {mode} seed {seed}{grid}"))
+        combos.append(Combination(argv_run, f"{model} {mode} seed {seed}{ablation_label(cfg)}{grid}"))
     from .device import resolve_device
 
     resolve_device(cfg.device)  # the same in every combination: --device cuda without a GPU is said now, once
