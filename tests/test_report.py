@@ -241,6 +241,16 @@ def test_grid_keeps_every_cell_when_another_option_is_unset_in_some_runs(tmp_pat
         ("1", "0.05", "**53.00**"), ("1", "0.1", "51.00"), ("", "0.05", "**52.00**"), ("", "0.1", "50.00")]
 
 
+def test_a_group_title_says_what_an_option_left_unset_means(tmp_path):
+    make_run(tmp_path, "full", subset=None)
+    make_run(tmp_path, "part", subset=500)
+    make_run(tmp_path, "clip", subset=500, clip_grad_norm=1.0)
+    titles = [g.title for g in group_runs(load_results(tmp_path)[0])]
+    assert titles == ["resnet20 / baseline, subset=500, clip_grad_norm=1",
+                      "resnet20 / baseline, subset=500, clip_grad_norm=none",
+                      "resnet20 / baseline, subset=all, clip_grad_norm=none"], titles
+
+
 def test_broken_and_unfinished_runs_are_named_and_not_counted(tmp_path, capsys):
     make_run(tmp_path, "good0", seed=0, acc=0.80)
     make_run(tmp_path, "good1", seed=1, acc=0.82)

@@ -60,6 +60,9 @@ def machine_label(env: dict) -> str:
     return f"{env.get('device_name')} ({', '.join(details)})" if details else str(env.get("device_name"))
 
 
+NONE_SHOWN = {"subset": "all", "test_subset": "all"}  # what an option left at None means, where "None" would not say
+
+
 def _show(value) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value))
@@ -95,7 +98,8 @@ class Group:
     @property
     def short(self) -> str:
         """The title without the model: mode label, varying settings, environment."""
-        parts = [f"{k}={_show(v)}" for k, v in self.columns.items() if k != "environment"]
+        parts = [f"{k}={NONE_SHOWN.get(k, 'none') if v is None else _show(v)}" for k, v in self.columns.items()
+                 if k != "environment"]
         if "environment" in self.columns:
             parts.append(self.environment)
         return ", ".join([self.label, *parts])
