@@ -251,6 +251,20 @@ def test_a_group_title_says_what_an_option_left_unset_means(tmp_path):
                       "resnet20 / baseline, subset=all, clip_grad_norm=none"], titles
 
 
+def test_an_fp8_option_is_shown_only_for_fp8_runs(tmp_path):
+    make_run(tmp_path, "fp32")
+    make_run(tmp_path, "fp16", mode="manual")
+    make_run(tmp_path, "fp8-delayed", mode="manual", manual_dtype="float8")
+    make_run(tmp_path, "fp8-current", mode="manual", manual_dtype="float8", fp8_scaling="current")
+    groups = group_runs(load_results(tmp_path)[0])
+    rows = md_rows(comparison_markdown(comparison_table(groups), groups))
+    assert [(r["mode"], r["fp8_scaling"]) for r in rows] == [
+        ("baseline", ""), ("manual", ""), ("manual (manual_dtype=float8)", "current"),
+        ("manual (manual_dtype=float8)", "delayed")]
+    assert [g.short for g in groups] == ["baseline", "manual", "manual (manual_dtype=float8), fp8_scaling=current",
+                                         "manual (manual_dtype=float8), fp8_scaling=delayed"]
+
+
 def test_broken_and_unfinished_runs_are_named_and_not_counted(tmp_path, capsys):
     make_run(tmp_path, "good0", seed=0, acc=0.80)
     make_run(tmp_path, "good1", seed=1, acc=0.82)

@@ -99,7 +99,7 @@ class Group:
     def short(self) -> str:
         """The title without the model: mode label, varying settings, environment."""
         parts = [f"{k}={NONE_SHOWN.get(k, 'none') if v is None else _show(v)}" for k, v in self.columns.items()
-                 if k != "environment"]
+                 if k != "environment" and applies(k, self.setting)]
         if "environment" in self.columns:
             parts.append(self.environment)
         return ", ".join([self.label, *parts])
@@ -122,6 +122,11 @@ class Group:
         """A summary value per run (seed), missing ones dropped; a time or speed only of the timed runs."""
         runs = self.timed_runs if key in TIMED else self.runs
         return pd.Series([r.summary.get(key) for r in runs], dtype=float).dropna()
+
+
+def applies(key: str, setting: dict) -> bool:
+    """Whether an option means anything in a setting: the FP8 options only in an FP8 run."""
+    return not key.startswith("fp8_") or setting.get("manual_dtype") == "float8"
 
 
 def _rank(value):
@@ -163,7 +168,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
     varying = varying_keys(groups)
     several_envs = len({g.environment for g in groups}) > 1
     for g in groups:
-        g.columns = {k: g.setting.get(k) for k in varying}
+        g.columns = {k: g.setting.get(k) if applies(k, g.setting) else None for k in varying}  # None: a blank cell
         if several_envs:
             g.columns["environment"] = g.environment
     return sorted(groups, key=lambda g: (g.model, MODES.index(g.mode) if g.mode in MODES else len(MODES), g.label,
