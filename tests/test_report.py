@@ -16,6 +16,7 @@ from mixprec.config import RunConfig
 from mixprec.report import (
     comparison_markdown,
     comparison_table,
+    fp8_figure,
     grid_markdown,
     grid_table,
     group_runs,
@@ -353,6 +354,26 @@ def test_loss_scale_figure_overlays_the_scalers_per_seed_marks_skips_and_is_abse
     assert rows[1]["final loss scale"] == "32768" and rows[1]["skipped steps"] == "1"
     assert rows[2]["skipped steps"] == "0.5" and rows[2]["final loss scale"] == "32768, 65536"
     assert loss_scale_figure(group_runs(load_results(unscaled)[0])) is None  # bfloat16 amp has no scaler
+
+
+def test_fp8_figure_draws_each_telemetry_column_on_axes_that_start_at_zero_or_a_power_of_two(tmp_path):
+    make_run(tmp_path, "fp16", mode="manual")
+    run = make_run(tmp_path, "fp8", mode="manual", manual_dtype="float8")
+    steps = pd.read_csv(run / "steps.csv")
+    for role in ("weight", "activation", "grad"):
+        steps[f"fp8_{role}_saturated_frac"] = [0.0] * 4  # never saturated: the axis must not go below zero
+        steps[f"fp8_{role}_flushed_frac"] = [1e-5, 0.0, 2e-5, 0.0]
+        steps[f"fp8_{role}_scale"] = [1100.0, 1200.0, 1300.0, 1400.0]  # within one octave
+    write_csv(run / "steps.csv", steps)
+    groups = group_runs(load_results(tmp_path)[0])
+    assert fp8_figure(groups[:1]) is None  # no FP8 run, no figure
+    fig = fp8_figure(groups)
+    axes = [ax for ax in fig.axes if ax.lines]
+    assert len(axes) == 9 and all(len(ax.lines) == 1 for ax in axes)  # 3 statistics x 3 tensor classes, 1 run
+    saturated, flushed, scale = axes[0], axes[3], axes[6]
+    assert saturated.get_ylim() == (0.0, 1e-5) and flushed.get_ylim() == (0.0, 4e-5)
+    assert flushed.lines[0].get_ydata().tolist() == [1e-5, 0.0, 2e-5, 0.0]
+    assert scale.get_yscale() == "log" and scale.get_ylim() == (1024.0, 2048.0)
 
 
 def test_time_to_accuracy_plots_the_seeds_mean_validation_accuracy_at_their_mean_cumulative_time(tmp_path):

@@ -278,10 +278,16 @@ def fp8_figure(groups: list[Group]):
         axes[-1][col].set_xlabel("optimizer step")
         for row in range(len(STATS)):
             ax = axes[row][col]
-            if row < 2:
-                ax.set_yscale("symlog", linthresh=1e-6)  # zero stays on the axis
-            else:
+            values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.lines])
+            values = values[np.isfinite(values)]
+            if row < 2:  # a fraction: zero stays on the axis, which starts there
+                ax.set_yscale("symlog", linthresh=1e-6)
+                ax.set_ylim(0, max(2 * values.max(initial=0.0), 1e-5))
+            else:  # a scale: whole powers of two at both ends, so the axis always has labelled ticks
                 ax.set_yscale("log", base=2)
+                positive = values[values > 0]
+                if positive.size:
+                    ax.set_ylim(2.0 ** math.floor(math.log2(positive.min())), 2.0 ** math.ceil(math.log2(positive.max())))
             ax.grid(alpha=0.3)
     for row, label in enumerate(("saturated fraction", "flushed-to-zero fraction", "scale (geometric mean)")):
         axes[row][0].set_ylabel(label)
