@@ -354,6 +354,18 @@ def test_loss_scale_figure_overlays_the_scalers_per_seed_marks_skips_and_is_abse
     assert rows[1]["final loss scale"] == "32768" and rows[1]["skipped steps"] == "1"
     assert rows[2]["skipped steps"] == "0.5" and rows[2]["final loss scale"] == "32768, 65536"
     assert loss_scale_figure(group_runs(load_results(unscaled)[0])) is None  # bfloat16 amp has no scaler
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [  # one legend, below the panels
+        "amp (float16) (torch.amp.GradScaler)", "skipped step", "manual (DynamicLossScaler)"]
+
+
+def test_loss_scale_figure_names_a_static_or_no_loss_scale_as_such(tmp_path):
+    make_run(tmp_path, "dynamic", mode="manual", loss_scales=[65536.0] * 4)
+    make_run(tmp_path, "static", mode="manual", loss_scale="1024", loss_scales=[1024.0] * 4)
+    make_run(tmp_path, "none", mode="manual", loss_scale="none", loss_scales=[1.0] * 4)
+    fig = loss_scale_figure(group_runs(load_results(tmp_path)[0]))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "manual (DynamicLossScaler)", "manual (loss_scale=1024) (static loss scale)",
+        "manual (loss_scale=none) (no loss scaling)"]
 
 
 def test_fp8_figure_draws_each_telemetry_column_on_axes_that_start_at_zero_or_a_power_of_two(tmp_path):

@@ -190,7 +190,7 @@ def loss_scale_figure(groups: list[Group]):
             ax.plot(steps["step"], steps["loss_scale"], color=f"C{i % 10}", lw=1.2, drawstyle="steps-post",
                     ls="--" if g.mode == "amp" else "-", zorder=3 if g.mode == "amp" else 2,  # dashed on top: seen
                     # where the two scalers agree
-                    label=g.label + (f" ({_scaler_name(g)})" if _scaler_name(g) else ""))
+                    label=f"{g.short} ({_scaler_name(g)})")
             skipped = steps[_skipped(steps)]
             if len(skipped):
                 ax.plot(skipped["step"], skipped["loss_scale"], "x", color="red", ms=6, mew=1.5,
@@ -202,14 +202,21 @@ def loss_scale_figure(groups: list[Group]):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss scale")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
     for ax in axes[len(panels):]:
         ax.set_axis_off()
+    legend = {}  # one entry per group (and for the skip marker) over all panels: a group has one colour in all
+    for ax in axes:
+        legend.update((label, handle) for handle, label in zip(*ax.get_legend_handles_labels()))
+    fig.legend(legend.values(), legend.keys(), fontsize=8, loc="outside lower center", ncols=min(2, len(legend)))
     return fig
 
 
 def _scaler_name(group: Group) -> str:
-    return {"amp": "torch.amp.GradScaler", "manual": "DynamicLossScaler"}.get(group.mode, "")
+    """What set the group's loss scale: GradScaler (amp), or manual mode's scaler, dynamic, static or none."""
+    if group.mode == "amp":
+        return "torch.amp.GradScaler"
+    loss_scale = group.setting.get("loss_scale", "dynamic")
+    return {"dynamic": "DynamicLossScaler", "none": "no loss scaling"}.get(loss_scale, "static loss scale")
 
 
 def memory_means(group: Group) -> dict[str, float]:
