@@ -102,7 +102,8 @@ def lost_updates(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], b
       with Nesterov).
     * A decay is lost where the weight decay alone, ``w * (1 - lr * wd)``, rounds back to ``w``: in FP16
       that is every weight once ``lr * wd`` is below half of FP16's relative spacing, 2**-12 (2.4e-4;
-      lr 0.2 and wd 5e-4 give 1e-4). Weight decay then does nothing at all.
+      lr 0.2 and wd 5e-4 give 1e-4). The decay can then move a weight only through SGD's step direction, where
+      it is added to the gradient and, with momentum, accumulated over steps.
     """
     state, groups = optimizer.state, {id(p): g for g in optimizer.param_groups for p in g["params"]}
     device = params[0].device
