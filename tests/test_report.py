@@ -22,6 +22,7 @@ from mixprec.report import (
     group_runs,
     load_results,
     loss_scale_figure,
+    lost_updates_figure,
     main,
     time_to_accuracy_figure,
 )
@@ -469,11 +470,11 @@ def test_telemetry_table_lists_skips_per_seed_and_means_over_measured_steps(tmp_
     make_run(tmp_path, "b0", mode="baseline")
     m0 = make_run(tmp_path, "m0", mode="manual", loss_scales=[4.0, 2.0, 1.0, 1.0], skipped=(2, 3))
     m1 = make_run(tmp_path, "m1", mode="manual", seed=1, loss_scales=[4.0] * 4)
-    for run, underflow, lost in ((m0, [0.1, None, None, 0.3], None), (m1, [0.2, None, None, None], [0.5] * 4)):
+    for run, underflow, lost in ((m0, [0.1, None, None, 0.3], None), (m1, [0.2, None, None, None], [0.1, 0.2, 0.6, 0.8])):
         steps = pd.read_csv(run / "steps.csv")
         steps["grad_underflow_frac"] = underflow  # NaN: a step that measured nothing
         if lost is not None:
-            steps["update_lost_frac"] = lost
+            steps["update_lost_frac"], steps["decay_lost_frac"] = lost, [1.0] * 4
         write_csv(run / "steps.csv", steps)
     out, _, _ = report(tmp_path, capsys)
     rows = md_rows((out / "telemetry.md").read_text())
@@ -481,10 +482,28 @@ def test_telemetry_table_lists_skips_per_seed_and_means_over_measured_steps(tmp_
     manual = rows[1]
     assert manual["skipped steps"] == "seed 0: 2 (steps 2, 3); seed 1: 0"
     assert manual["gradients below FP16 normal unscaled (%)"] == "20"  # mean of 0.1, 0.3, 0.2: NaNs left out
-    assert manual["updates lost to rounding (%)"] == "50"  # from the one seed that has the column
+    assert manual["updates lost to rounding (%)"] == "42.5"  # from the one seed that has the column
+    assert manual["updates lost to rounding, last epoch (%)"] == "70"  # steps 3 and 4 are epoch 2's
     assert rows[0]["updates lost to rounding (%)"] == "" and "FP8 gradients flushed to 0 (%)" not in manual
     assert "## Skipped steps and precision telemetry" in (out / "report.md").read_text()
     assert list(pd.read_csv(out / "telemetry.csv")["update_lost_frac"].isna()) == [True, False]
+    assert (out / "lost_updates.png").exists() and "lost_updates.png" in (out / "report.md").read_text()
+
+
+def test_lost_updates_figure_draws_both_fractions_per_seed_beside_the_lr_and_only_without_master_weights(tmp_path):
+    make_run(tmp_path, "masters", mode="manual")
+    assert lost_updates_figure(group_runs(load_results(tmp_path)[0])) is None
+    for seed in (0, 1):
+        run = make_run(tmp_path, f"nomw{seed}", mode="manual", seed=seed, master_weights=False)
+        steps = pd.read_csv(run / "steps.csv")
+        steps["update_lost_frac"], steps["decay_lost_frac"] = [0.1, None, 0.3, 0.5 + seed / 10], [1.0] * 4
+        write_csv(run / "steps.csv", steps)
+    fig = lost_updates_figure(group_runs(load_results(tmp_path)[0]))
+    lost, lr = fig.axes
+    assert [line.get_ydata().tolist() for line in lost.lines] == [[10, 30, 50], [100] * 3, [10, 30, 60], [100] * 3]
+    assert [line.get_label() for line in lost.lines][:2] == [
+        "resnet20 / manual (master_weights=False): updates lost", "resnet20 / manual (master_weights=False): weight "
+        "decays lost"] and len(lr.lines) == 2 and lost.get_ylim() == (0, 105)
 
 
 def test_runs_named_in_timings_excluded_count_for_accuracy_but_not_for_time(tmp_path, capsys):

@@ -37,13 +37,14 @@ The package, in import order: each module imports only the ones above it.
 the package would make ``python -m mixprec.report`` warn that it ran a module already imported.
 """
 
-from .figures import fp8_figure, loss_scale_figure, time_to_accuracy_figure
+from .figures import fp8_figure, loss_scale_figure, lost_updates_figure, time_to_accuracy_figure
 from .groups import group_runs
 from .runs import load_results
 from .tables import comparison_markdown, comparison_table, grid_markdown, grid_table
 
 __all__ = ["comparison_markdown", "comparison_table", "fp8_figure", "grid_markdown", "grid_table", "group_runs",
-           "load_results", "loss_scale_figure", "main", "make_report", "time_to_accuracy_figure"]
+           "load_results", "loss_scale_figure", "lost_updates_figure", "main", "make_report",
+           "time_to_accuracy_figure"]
 
 
 def __getattr__(name: str):

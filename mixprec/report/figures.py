@@ -303,6 +303,42 @@ def fp8_figure(groups: list[Group]):
     return fig
 
 
+def has_lost_updates(group: Group) -> bool:
+    """Whether any of the group's runs measured updates lost to rounding (``--no-master-weights``)."""
+    return any(r.steps is not None and "update_lost_frac" in r.steps and r.steps["update_lost_frac"].notna().any()
+               for r in group.runs)
+
+
+def lost_updates_figure(groups: list[Group]):
+    """Without master weights: the fraction of nonzero SGD updates and of weight decays that rounding to the
+    weights' precision swallowed, per measured step, one line per seed, with the learning rate on a second
+    axis (the lost fraction grows as the lr falls). None when no group measured it."""
+    lossy = [g for g in groups if has_lost_updates(g)]
+    if not lossy:
+        return None
+    fig = _figure(8.0, 4.2)
+    ax = fig.subplots()
+    lr_axis = ax.twinx()
+    for i, g in enumerate(lossy):
+        for k, run in enumerate(r for r in g.runs if r.steps is not None and "update_lost_frac" in r.steps):
+            steps = run.steps.dropna(subset=["update_lost_frac"])
+            ax.plot(steps["step"], 100 * steps["update_lost_frac"], color=f"C{i % 10}", lw=1,
+                    label=f"{g.title}: updates lost" if k == 0 else None)
+            ax.plot(steps["step"], 100 * steps["decay_lost_frac"], color=f"C{i % 10}", lw=1, ls=":",
+                    label=f"{g.title}: weight decays lost" if k == 0 else None)
+            lr_axis.plot(run.steps["step"], run.steps["lr"], color="0.5", lw=0.8, ls="--",
+                         label="learning rate" if i == k == 0 else None)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("lost to rounding (% of nonzero)")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    handles = [h for a in (ax, lr_axis) for h in a.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center")  # one column: the labels are long
+    return fig
+
+
 CAPTIONS = {
     "confusion_matrices.png": "Test-set confusion matrices per group, summed over seeds and normalized per true "
                               "class (each row sums to 1).",
@@ -320,6 +356,10 @@ CAPTIONS = {
                "of elements saturated (where a plain cast would have overflowed), the fraction flushed to zero "
                "(nonzero in, zero out), over all FP8 layers, and the geometric mean of their scales, for weights "
                "and activations (E4M3) and output gradients (E5M2, which include the loss scale).",
+    "lost_updates.png": "Without master weights (--no-master-weights), at the measured steps: the percentage of "
+                        "nonzero SGD updates for which w - lr * d rounded back to w in the weights' precision "
+                        "(solid), and of nonzero weights whose weight decay alone, w * (1 - lr * wd), rounded "
+                        "back to w (dotted), with the learning rate (dashed, right axis); one line per seed.",
 }
 
 
@@ -328,7 +368,8 @@ def write_figures(out: Path, groups: list[Group]) -> list[str]:
     written = []
     for name, make in (("confusion_matrices.png", confusion_figure), ("curves.png", curves_figure),
                        ("time_to_accuracy.png", time_to_accuracy_figure), ("loss_scale.png", loss_scale_figure),
-                       ("memory.png", memory_figure), ("fp8.png", fp8_figure)):
+                       ("memory.png", memory_figure), ("fp8.png", fp8_figure),
+                       ("lost_updates.png", lost_updates_figure)):
         fig = make(groups)
         if fig is None:
             (out / name).unlink(missing_ok=True)  # an earlier report's figure would contradict this one

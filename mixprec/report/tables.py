@@ -311,6 +311,8 @@ TELEMETRY = {
     "update_lost_frac": "updates lost to rounding",
     "decay_lost_frac": "weight decays lost to rounding",
 }
+# the same means over the steps of each run's last epoch only, where the lr of a decaying schedule is smallest
+LAST_EPOCH = {"update_lost_frac": "updates lost to rounding, last epoch"}
 SHOWN_SKIPS = 5  # skipped steps listed per seed
 
 
@@ -322,6 +324,12 @@ def _skips(run: Run) -> str:
     return f"seed {run.seed}: {len(steps)}" + (f" (steps {shown})" if steps else "")
 
 
+def _mean_over_runs(columns: list[pd.Series]) -> float:
+    """The mean of the runs' measured values together (NaN: not measured)."""
+    values = pd.concat([pd.to_numeric(c, errors="coerce") for c in columns]).dropna() if columns else []
+    return float(values.mean()) if len(values) else math.nan
+
+
 def telemetry_table(groups: list[Group]) -> pd.DataFrame | None:
     """One row per group: skipped steps, and when, per seed; and each :data:`TELEMETRY` column's mean over the
     measured steps of all its seeds (fractions of elements). None when no run measured anything."""
@@ -331,9 +339,10 @@ def telemetry_table(groups: list[Group]) -> pd.DataFrame | None:
         row = {"model": g.model, "mode": g.label, **g.columns, "n": g.n,
                "skipped_steps": "; ".join(filter(None, map(_skips, g.runs)))}
         for col in TELEMETRY:
-            columns = [pd.to_numeric(f[col], errors="coerce") for f in frames if col in f]
-            values = pd.concat(columns).dropna() if columns else pd.Series(dtype=float)
-            row[col] = values.mean() if len(values) else math.nan
+            row[col] = _mean_over_runs([f[col] for f in frames if col in f])
+        for col in LAST_EPOCH:
+            row[f"{col}_last_epoch"] = _mean_over_runs([f.loc[f["epoch"] == f["epoch"].max(), col] for f in frames
+                                                        if col in f and "epoch" in f])
         rows.append(row)
     table = pd.DataFrame(rows)
     return None if table[list(TELEMETRY)].isna().all().all() else table
@@ -344,13 +353,16 @@ def telemetry_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
     shown = pd.DataFrame({"model": table["model"], "mode": table["mode"], **{c: table[c] for c in extra},
                           "n": table["n"], "skipped steps": table["skipped_steps"],
                           **{f"{name} (%)": [_num(100 * v, ".3g") for v in table[col]]
-                             for col, name in TELEMETRY.items() if table[col].notna().any()}})
+                             for col, name in TELEMETRY.items() if table[col].notna().any()},
+                          **{f"{name} (%)": [_num(100 * v, ".3g") for v in table[f"{col}_last_epoch"]]
+                             for col, name in LAST_EPOCH.items() if table[f"{col}_last_epoch"].notna().any()}})
     return ("Skipped optimizer steps per seed, and the telemetry's means over the measured steps (`steps.csv`, "
             "every `--telemetry-every` steps), as percentages of the elements: exact zeros in the half gradients "
             "backward produced; unscaled gradients below FP16's smallest normal, 2^-14 (what FP16 would lose "
             "without loss scaling); FP8 gradients flushed to zero and activations saturated; without master "
-            "weights, nonzero SGD updates and weight decays that rounding to the weights' precision swallowed. "
-            "Blank: not measured in that mode.\n\n" + markdown_table(shown))
+            "weights, nonzero SGD updates and weight decays that rounding to the weights' precision swallowed (the "
+            "updates also over the last epoch alone, where a decaying lr is smallest). Blank: not measured in "
+            "that mode.\n\n" + markdown_table(shown))
 
 
 def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
