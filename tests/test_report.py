@@ -470,7 +470,8 @@ def test_telemetry_table_lists_skips_per_seed_and_means_over_measured_steps(tmp_
     make_run(tmp_path, "b0", mode="baseline")
     m0 = make_run(tmp_path, "m0", mode="manual", loss_scales=[4.0, 2.0, 1.0, 1.0], skipped=(2, 3))
     m1 = make_run(tmp_path, "m1", mode="manual", seed=1, loss_scales=[4.0] * 4)
-    for run, underflow, lost in ((m0, [0.1, None, None, 0.3], None), (m1, [0.2, None, None, None], [0.1, 0.2, 0.6, 0.8])):
+    for run, underflow, lost in ((m0, [0.1, None, None, 0.3], None),
+                                 (m1, [0.2, None, None, None], [0.1, 0.2, 0.6, 0.8])):
         steps = pd.read_csv(run / "steps.csv")
         steps["grad_underflow_frac"] = underflow  # NaN: a step that measured nothing
         if lost is not None:

@@ -294,7 +294,8 @@ def fp8_figure(groups: list[Group]):
                 ax.set_yscale("log", base=2)
                 positive = values[values > 0]
                 if positive.size:
-                    ax.set_ylim(2.0 ** math.floor(math.log2(positive.min())), 2.0 ** math.ceil(math.log2(positive.max())))
+                    low, high = math.log2(positive.min()), math.log2(positive.max())
+                    ax.set_ylim(2.0 ** math.floor(low), 2.0 ** math.ceil(high))
             ax.grid(alpha=0.3)
     for row, label in enumerate(("saturated fraction", "flushed-to-zero fraction", "scale (geometric mean)")):
         axes[row][0].set_ylabel(label)
