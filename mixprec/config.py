@@ -27,6 +27,11 @@ MANUAL_DTYPES = ("float16", "bfloat16", "float8")
 FP8_SCALINGS = ("delayed", "current")
 ON_MIN_SCALE = ("raise", "skip")
 RESUME_MAY_CHANGE = ("data",)  # options that --resume lets differ from the run's own
+# the manual-mode ablation and scaler options: summary.json's "ablation" entry, and a study combination's label
+# names those not at their default
+ABLATION_OPTIONS = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype",
+                    "inject_overflow", "clip_grad_norm", "accumulate", "telemetry_every", "fp8_scaling",
+                    "fp8_amax_history", "fp8_margin", "fp8_all_layers")
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ class RunSummary:
     memory: dict | None = _copied("result")
     skipped_steps: int | None  # None in baseline mode, which has no loss scaler
     final_loss_scale: float | None = _copied("result")
-    ablation: dict  # the manual-mode ablation options (mixprec.run.ABLATION_OPTIONS)
+    ablation: dict  # the manual-mode ablation options (mixprec.config.ABLATION_OPTIONS)
     fp8: dict | None = _copied("result")  # formats and scaling recipe of a --manual-dtype float8 run, else None
     notes: list = _copied("result")
     test_accuracy: float | None = None

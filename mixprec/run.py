@@ -20,13 +20,10 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .cli import UsageError, handling_signals
-from .config import parse_command
+from .config import ABLATION_OPTIONS, parse_command
 from .results import RunSummary, write_json
 
 PROG = "python -m mixprec.run"
-ABLATION_OPTIONS = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype",
-                    "inject_overflow", "clip_grad_norm", "accumulate", "telemetry_every", "fp8_scaling",
-                    "fp8_amax_history", "fp8_margin", "fp8_all_layers")
 
 
 def images_per_s(result) -> float | None:

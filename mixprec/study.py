@@ -25,20 +25,17 @@ from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from .cli import OneLineParser, UsageError, handling_signals
-from .config import MODES, RunConfig, config_from_json, parse_command
+from .config import ABLATION_OPTIONS, MODES, RunConfig, config_from_json, parse_command
 
 PROG = "python -m mixprec.study"
 VARIED = ("--mode", "--model", "--seed", "--lr", "--momentum", "--weight-decay", "--resume")
-# options that make a manual run an ablation: a combination's label names those not at their default, so that
-# two variants of one model, mode and seed (an ablation study) get their own label and study-logs/ file
-ABLATIONS = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype", "fp8_scaling",
-             "fp8_amax_history", "fp8_margin", "fp8_all_layers", "inject_overflow")
 
 
 def ablation_label(cfg: RunConfig) -> str:
-    """``""``, or ``" loss_scale=none master_weights=False"``: the run's non-default ablation options."""
+    """``""``, or ``" loss_scale=none master_weights=False"``: the run's non-default ablation options, so that
+    two variants of one model, mode and seed (an ablation study) get their own label and study-logs/ file."""
     defaults = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
-    changed = [(k, getattr(cfg, k)) for k in ABLATIONS if getattr(cfg, k) != defaults[k]]
+    changed = [(k, getattr(cfg, k)) for k in ABLATION_OPTIONS if getattr(cfg, k) != defaults[k]]
     return "".join(f" {k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in changed)
 
 
