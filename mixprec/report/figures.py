@@ -158,10 +158,14 @@ def _skipped(steps: pd.DataFrame) -> pd.Series:
     return steps["skipped"].astype(str).str.lower().isin(("true", "1", "1.0"))
 
 
+def measured(group: Group, column: str) -> bool:
+    """Whether any of the group's runs recorded a value in this ``steps.csv`` column."""
+    return any(r.steps is not None and column in r.steps and r.steps[column].notna().any() for r in group.runs)
+
+
 def has_loss_scale(group: Group) -> bool:
     """Whether any of the group's runs recorded a loss scale (bfloat16 amp and baseline have none)."""
-    return group.mode != "baseline" and any(r.steps is not None and r.steps["loss_scale"].notna().any()
-                                            for r in group.runs)
+    return group.mode != "baseline" and measured(group, "loss_scale")
 
 
 def loss_scale_figure(groups: list[Group]):
@@ -256,19 +260,13 @@ def memory_figure(groups: list[Group]):
     return fig
 
 
-def has_fp8_telemetry(group: Group) -> bool:
-    """Whether any of the group's runs measured FP8 telemetry (``--manual-dtype float8``)."""
-    return any(r.steps is not None and "fp8_grad_scale" in r.steps and r.steps["fp8_grad_scale"].notna().any()
-               for r in group.runs)
-
-
 def fp8_figure(groups: list[Group]):
     """FP8 telemetry per optimizer step: rows saturated fraction, flushed-to-zero fraction and scale (geometric
     mean over the FP8 layers), columns weights, activations, gradients; one colour per group, one line per seed.
     None when no group trained in FP8."""
     from ..fp8 import ROLES, STATS
 
-    fp8 = [g for g in groups if has_fp8_telemetry(g)]
+    fp8 = [g for g in groups if measured(g, "fp8_grad_scale")]  # --manual-dtype float8
     if not fp8:
         return None
     fig = _figure(13.0, 8.0)
@@ -304,17 +302,11 @@ def fp8_figure(groups: list[Group]):
     return fig
 
 
-def has_lost_updates(group: Group) -> bool:
-    """Whether any of the group's runs measured updates lost to rounding (``--no-master-weights``)."""
-    return any(r.steps is not None and "update_lost_frac" in r.steps and r.steps["update_lost_frac"].notna().any()
-               for r in group.runs)
-
-
 def lost_updates_figure(groups: list[Group]):
     """Without master weights: the fraction of nonzero SGD updates and of weight decays that rounding to the
     weights' precision swallowed, per measured step, one line per seed, with the learning rate on a second
     axis (the lost fraction grows as the lr falls). None when no group measured it."""
-    lossy = [g for g in groups if has_lost_updates(g)]
+    lossy = [g for g in groups if measured(g, "update_lost_frac")]  # --no-master-weights
     if not lossy:
         return None
     fig = _figure(8.0, 4.2)
