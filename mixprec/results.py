@@ -126,7 +126,9 @@ def environment(device: torch.device) -> dict:
                                 capture_output=True, text=True, timeout=5, check=True).stdout
         env["git_dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
-        pass  # not a checkout (an installed wheel) or no git: the versions above still hold
+        # not a checkout (an installed wheel, or a copy of the tree without .git, as the GPU study's machine gets):
+        # the commit the caller says it copied, if any; the versions above still hold
+        env["git_commit"] = os.environ.get("MIXPREC_GIT_COMMIT") or None
     return env
 
 
