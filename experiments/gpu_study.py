@@ -18,7 +18,8 @@ wrapper) and installs nothing. Work goes into ``--results`` (default ``results/g
 :attr:`Sizes.reserve` (the report and the archive) is within ``--budget-s``; a stage that does not fit is
 skipped with the reason logged, and later, cheaper stages may still start. A training run's estimate is
 its epochs times its images times the per-image step time that stage 2 measured for its model and mode
-(plus evaluation and start-up), scaled by how far the study's earlier runs overran their estimates. Each
+(plus evaluation and start-up), scaled by how far the study's earlier runs overran their estimates (or
+came in under them, down to 0.75). Each
 stage is also stopped (SIGTERM, then SIGKILL) when it reaches the budget less the reserve, so an estimate
 that is wrong costs that stage, never the archive.
 
@@ -176,6 +177,7 @@ def plan(sizes: Sizes, data: str, results: Path) -> list[Stage]:
     return stages
 
 
+MIN_OVERRUN = 0.75
 BENCH_VARIANT = {"baseline": "fp32", "amp": "amp", "manual": "manual"}  # the bench row a run's time scales from
 
 
@@ -248,8 +250,10 @@ class Study:
             return self.sizes.estimates[stage.kind]
         step_s, batch = measured_step(self.results, stage.model, stage.mode)
         epochs = int(stage.argv[stage.argv.index("--epochs") + 1])
-        return train_estimate(step_s, batch, self.sizes, epochs, "--test-time-flip" in stage.argv,
-                              max(self.overruns, default=1.0))
+        # earlier runs' measured / estimated, the largest; a run that came in faster lowers the next estimates,
+        # but never below MIN_OVERRUN of them (another mode can be slower than its bench step suggests)
+        overrun = max(max(self.overruns, default=1.0), MIN_OVERRUN)
+        return train_estimate(step_s, batch, self.sizes, epochs, "--test-time-flip" in stage.argv, overrun)
 
     # --- running
 
@@ -258,26 +262,31 @@ class Study:
                                        "device": self.sizes.device})
         statuses: dict[str, str] = {}
         for stage in stages:
-            if stage.needs and statuses.get(stage.needs) == "failed":
-                self.log(f"{stage.name}: not started, {stage.needs} failed")
-                statuses[stage.name] = "not started"
-                continue
-            why = self.done_before(stage)
-            if why:
-                self.log(f"{stage.name}: {why}, skipped")
-                statuses[stage.name] = "completed"
-                continue
-            estimate = self.estimate(stage)
-            if not fits(self.elapsed(), estimate, self.sizes.reserve, self.sizes.budget_s):
-                reason = ("no step time measured for it in stage 2" if estimate is None else
-                          f"estimated {estimate:.0f} s would end at {self.elapsed() + estimate:.0f} s, past the "
-                          f"budget {self.sizes.budget_s:.0f} s less {self.sizes.reserve:.0f} s for the report and "
-                          "archive")
-                self.log(f"{stage.name}: skipped, {reason}")
-                self.record(stage, status="skipped (budget)", reason=reason, estimate_s=estimate)
-                statuses[stage.name] = "skipped"
-                continue
-            statuses[stage.name] = self.run_stage(stage, estimate)
+            try:
+                statuses[stage.name] = self._consider(stage, statuses)
+            except Exception as e:  # noqa: BLE001 - a fault of the study's own code costs one stage, not the rest
+                self.log(f"{stage.name}: the study itself failed on it: {type(e).__name__}: {e}")
+                statuses[stage.name], self.failed = "failed", True
+
+    def _consider(self, stage: Stage, statuses: dict[str, str]) -> str:
+        """Run ``stage``, or say why not; its status for the stages that need it."""
+        if stage.needs and statuses.get(stage.needs) == "failed":
+            self.log(f"{stage.name}: not started, {stage.needs} failed")
+            return "not started"
+        why = self.done_before(stage)
+        if why:
+            self.log(f"{stage.name}: {why}, skipped")
+            return "completed"
+        estimate = self.estimate(stage)
+        if not fits(self.elapsed(), estimate, self.sizes.reserve, self.sizes.budget_s):
+            reason = ("no step time measured for it in stage 2" if estimate is None else
+                      f"estimated {estimate:.0f} s would end at {self.elapsed() + estimate:.0f} s, past the "
+                      f"budget {self.sizes.budget_s:.0f} s less {self.sizes.reserve:.0f} s for the report and "
+                      "archive")
+            self.log(f"{stage.name}: skipped, {reason}")
+            self.record(stage, status="skipped (budget)", reason=reason, estimate_s=estimate)
+            return "skipped"
+        return self.run_stage(stage, estimate)
 
     def run_stage(self, stage: Stage, estimate: float) -> str:
         slug = stage.name.replace(" ", "-")
@@ -323,6 +332,10 @@ class Study:
         summary as interrupted; SIGKILL 30 s later)."""
         try:
             return proc.wait(timeout=max(limit, 1)), False
+        except KeyboardInterrupt:  # the study was interrupted: so is its stage, which runs in a session of its own
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+            raise
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -353,7 +366,11 @@ class Study:
     # --- the end: report and archive, whatever happened
 
     def finish(self) -> Path:
-        self.report()
+        try:
+            self.report()
+        except Exception as e:  # noqa: BLE001 - the archive is written whatever the report does
+            self.log(f"report: the study's tables failed: {type(e).__name__}: {e}")
+            self.failed = True
         self.log(f"done: {self.summary_line()}")
         return self.archive()
 
@@ -367,8 +384,13 @@ class Study:
     def report(self) -> None:
         bench_tables(self.results)
         if any((self.results / "runs").glob("*/summary.json")):
-            code = subprocess.run([self.python, "-m", "mixprec.report", str(self.results)], cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+            try:  # within the reserve, leaving time for the archive
+                code = subprocess.run([self.python, "-m", "mixprec.report", str(self.results)], cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                                      timeout=max(self.sizes.reserve - 15, 10))
+            except subprocess.TimeoutExpired:
+                self.log("report: stopped, it outran the reserve; python -m mixprec.report regenerates it")
+                return
             with open(self.logs / "report.log", "w") as f:
                 f.write(code.stdout + code.stderr)
             self.log(f"report: exit {code.returncode}" + ("" if code.returncode == 0 else
@@ -428,7 +450,8 @@ def bench_tables(results: Path) -> None:
     write_csv(results / "bench" / "speed_memory.csv", frame)
     lines = ["# Training step: speed and memory", "",
              f"Written by `experiments/gpu_study.py` from `bench/<model>.csv` ({', '.join(sorted(set(frame.device)))}"
-             f"; torch {', '.join(sorted(set(frame.torch)))}). Batch {int(rows.batch_size.iloc[0])}, one fixed batch on "
+             f"; torch {', '.join(sorted(set(frame.torch)))}). Batch {int(rows.batch_size.iloc[0])}, one fixed batch "
+             "on "
              "the device, median of the timed rounds after warm-up; peak = max_memory_allocated over one step, "
              "counting the variant's own tensors. fp32 = baseline with --no-tf32; tf32 = baseline as the GPU runs "
              "it by default.", "",

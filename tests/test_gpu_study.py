@@ -42,7 +42,7 @@ def test_the_plan_puts_tests_first_then_speed_then_resnet18_then_the_rest():
     names = [s.name for s in stages]
     assert names[:3] == ["data", "cuda-tests", "half-agreement"]
     assert names[3:7] == [f"bench {m}" for m in gpu_study.BENCH_MODELS]
-    assert names[7:11] == ["train resnet18 baseline seed 0", "train resnet18 amp seed 0", "train resnet18 manual seed 0",
+    assert names[7:11] == [*(f"train resnet18 {mode} seed 0" for mode in ("baseline", "amp", "manual")),
                            "compile resnet18"]
     runs = [s for s in stages if s.kind == "train"]
     assert all("--no-tf32" in s.argv and "--device" in s.argv for s in runs)  # one setting for the report to compare
@@ -110,3 +110,23 @@ def test_bench_rows_measure_the_half_models_memory(tmp_path):
     table = (tmp_path / "bench" / "speed_memory.md").read_text()
     assert table.count("| resnet20 ") == 4
     assert "resnet20 manual / amp images/s" in table
+
+
+def test_a_runs_estimate_comes_from_the_bench_step_and_earlier_runs_lower_it_at_most_to_three_quarters(tmp_path):
+    results = tmp_path / "results"
+    (results / "bench").mkdir(parents=True)
+    pd.DataFrame([dict(model="resnet18", variant=v, batch_size=128, median_step_s=s, error=None)
+                  for v, s in (("fp32", 0.05), ("amp", 0.02), ("manual", 0.022))]).to_csv(
+        results / "bench" / "resnet18.csv", index=False)
+    sizes = gpu_study.GPU
+    study = Study(sizes, "unused", results, tmp_path / "out", sys.executable)
+    run = {s.mode: s for s in plan(sizes, "unused", results) if s.name.startswith("train resnet18 ")
+           and s.name.endswith("seed 0")}
+    epochs = int(gpu_study.RECIPE["--epochs"])
+    assert study.estimate(run["amp"]) == pytest.approx(train_estimate(0.02, 128, sizes, epochs, flip=True))
+    study.overruns = [0.1]  # the first run took a tenth of its estimate
+    assert study.estimate(run["manual"]) == pytest.approx(train_estimate(0.022, 128, sizes, epochs, True, 0.75))
+    study.overruns = [0.1, 1.3]
+    assert study.estimate(run["baseline"]) == pytest.approx(train_estimate(0.05, 128, sizes, epochs, True, 1.3))
+    resnet50 = next(s for s in plan(sizes, "unused", results) if s.kind == "train" and s.model == "resnet50")
+    assert study.estimate(resnet50) is None  # never benchmarked: not started
