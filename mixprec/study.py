@@ -21,22 +21,22 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .cli import OneLineParser, UsageError, handling_signals
-from .config import ABLATION_OPTIONS, MODES, RunConfig, config_from_json, parse_command
+from .config import MODES, RunConfig, changed, config_from_json, defaults, option_name, options_with, parse_command
 
 PROG = "python -m mixprec.study"
-VARIED = ("--mode", "--model", "--seed", "--lr", "--momentum", "--weight-decay", "--resume")
+VARIED = (*map(option_name, options_with("study")), "--resume")  # what the study sets per combination
+GRID = options_with("grid")  # lr, momentum, weight_decay: several values each
 
 
 def ablation_label(cfg: RunConfig) -> str:
     """``""``, or ``" loss_scale=none master_weights=False"``: the run's non-default ablation options, so that
     two variants of one model, mode and seed (an ablation study) get their own label and study-logs/ file."""
-    defaults = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
-    changed = [(k, getattr(cfg, k)) for k in ABLATION_OPTIONS if getattr(cfg, k) != defaults[k]]
-    return "".join(f" {k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in changed)
+    values = [(k, getattr(cfg, k)) for k in changed(cfg, "ablation")]
+    return "".join(f" {k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in values)
 
 
 @dataclass
@@ -65,10 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, metavar="MODE",
                    help="precision modes: baseline, amp, manual")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="seeds, one run each")
-    p.add_argument("--lr", nargs="+", type=float, default=[0.1], metavar="LR", help="learning rates (a grid)")
-    p.add_argument("--momentum", nargs="+", type=float, default=[0.9], metavar="M", help="SGD momenta (a grid)")
-    p.add_argument("--weight-decay", nargs="+", type=float, default=[5e-4], metavar="WD",
-                   help="weight decays (a grid)")
+    for name in GRID:
+        p.add_argument(option_name(name), nargs="+", type=float, default=[defaults()[name]], metavar=name.upper(),
+                       help=f"{name.replace('_', ' ')} values (a grid)")
     p.add_argument("--out", default="results", help="results directory: runs go to OUT/runs/, the report to "
                    "OUT/report/")
     p.add_argument("--no-report", dest="report", action="store_false",
@@ -83,20 +82,22 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[Combin
     for token in passed_on:
         if token.split("=")[0] in VARIED:
             raise UsageError(f"{token.split('=')[0]} is set per combination by the study; use --models, --modes, "
-                             "--seeds, --lr, --momentum or --weight-decay (several values each)")
-    for option in ("seeds", "lr", "momentum", "weight_decay", "models", "modes"):
-        values = getattr(args, option)
+                             f"--seeds or {', '.join(map(option_name, GRID))} (several values each)")
+    lists = {"seeds": args.seeds, "models": args.models, **{name: getattr(args, name) for name in GRID},
+             "modes": args.modes}
+    for option, values in lists.items():
         if len(set(values)) != len(values):
             raise UsageError(f"--{option.replace('_', '-')} lists a value twice: {' '.join(map(str, values))}")
     combos = []
-    for seed, model, lr, momentum, wd, mode in itertools.product(args.seeds, args.models, args.lr, args.momentum,
-                                                                  args.weight_decay, args.modes):
-        argv_run = ["--mode", mode, "--model", model, "--seed", str(seed), "--lr", repr(lr), "--momentum",
-                    repr(momentum), "--weight-decay", repr(wd), *passed_on, "--out", args.out]
+    for seed, model, *values, mode in itertools.product(*lists.values()):
+        grid = dict(zip(GRID, values))
+        argv_run = ["--mode", mode, "--model", model, "--seed", str(seed),
+                    *(token for name, value in grid.items() for token in (option_name(name), repr(value))),
+                    *passed_on, "--out", args.out]
         cfg, _ = parse_command(argv_run)  # validates every combination before the first one runs (argparse exits 2)
-        grid = "" if len(args.lr) * len(args.momentum) * len(args.weight_decay) == 1 else \
-            f" lr={lr:g} momentum={momentum:g} wd={wd:g}"
-        combos.append(Combination(argv_run, f"{model} {mode} seed {seed}{ablation_label(cfg)}{grid}"))
+        label = "" if all(len(lists[name]) == 1 for name in GRID) else \
+            "".join(f" {name}={value:g}" for name, value in grid.items())
+        combos.append(Combination(argv_run, f"{model} {mode} seed {seed}{ablation_label(cfg)}{label}"))
     from .device import resolve_device
 
     resolve_device(cfg.device)  # the same in every combination: --device cuda without a GPU is said now, once

@@ -21,10 +21,10 @@ def test_plan_runs_every_combination_seeds_slowest_with_shared_options_passed_on
                          "--lr", "0.05", "0.1", "--epochs", "3", "--subset", "500", "--out", "somewhere"])
     assert len(combos) == 2 * 2 * 2 * 2
     assert [c.label for c in combos[:4]] == [
-        "resnet20 baseline seed 0 lr=0.05 momentum=0.9 wd=0.0005",
-        "resnet20 manual seed 0 lr=0.05 momentum=0.9 wd=0.0005",
-        "resnet20 baseline seed 0 lr=0.1 momentum=0.9 wd=0.0005",
-        "resnet20 manual seed 0 lr=0.1 momentum=0.9 wd=0.0005"]
+        "resnet20 baseline seed 0 lr=0.05 momentum=0.9 weight_decay=0.0005",
+        "resnet20 manual seed 0 lr=0.05 momentum=0.9 weight_decay=0.0005",
+        "resnet20 baseline seed 0 lr=0.1 momentum=0.9 weight_decay=0.0005",
+        "resnet20 manual seed 0 lr=0.1 momentum=0.9 weight_decay=0.0005"]
     assert all("seed 0" in c.label for c in combos[:8]) and all("seed 1" in c.label for c in combos[8:])
     argv = combos[-1].argv
     assert argv[:6] == ["--mode", "manual", "--model", "resnet18", "--seed", "1"]

@@ -3,20 +3,17 @@ Imports :mod:`.runs`."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..config import MODES, RunConfig
+from ..config import MODES, defaults, options_with
 from .runs import Run
 
-IGNORED = ("seed", "out", "data", "device")  # differ between the seeds or copies of one setting
-TRAINING = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "subset", "test_subset",
-            "accumulate", "clip_grad_norm", "deterministic", "tf32", "compile", "pretrained",
-            "channels_last", "warmup_epochs", "label_smoothing", "nesterov", "test_time_flip",
-            "crop_padding")  # a baseline must match these
+IGNORED = options_with("copy")  # differ between the seeds or copies of one setting
+TRAINING = options_with("training")  # a baseline must match these
 TIMED = ("train_time_s", "images_per_s", "warmup_time_s")  # summary values that a shared machine corrupts
-LABELLED = ("loss_scale", "on_min_scale", "master_weights", "fp16_batchnorm", "manual_dtype", "inject_overflow")
+LABELLED = options_with("label")  # named in a mode's label when not at their default
 
 
 def _hashable(value):
@@ -29,7 +26,7 @@ def _hashable(value):
 
 
 # an option missing from an older config.json ran at its default (e.g. compile, added later)
-DEFAULTS = {f.name: _hashable(f.default) for f in fields(RunConfig) if f.default is not MISSING}
+DEFAULTS = {name: _hashable(value) for name, value in defaults().items()}
 
 
 def settings(run: Run) -> dict:
@@ -126,7 +123,7 @@ class Group:
 
 def applies(key: str, setting: dict) -> bool:
     """Whether an option means anything in a setting: the FP8 options only in an FP8 run."""
-    return not key.startswith("fp8_") or setting.get("manual_dtype") == "float8"
+    return key not in options_with("fp8") or setting.get("manual_dtype") == "float8"
 
 
 def _rank(value):

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..config import options_with
 from ..results import write_csv, write_text
 from .groups import Group, _rank, _show, find_baseline, machine_label
 from .runs import INFERENCE_CSV, UNTIMED, BadRun, Run, _read_csv
 
-GRID = ("lr", "momentum", "weight_decay")
+GRID = options_with("grid")
 MIB = 2**20
 
 

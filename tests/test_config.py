@@ -1,0 +1,88 @@
+"""The option registry: every RunConfig field carries its roles, flag and help, and every list of options, default
+and cross-check elsewhere derives from it (no list of option names is written twice)."""
+
+import ast
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+
+from mixprec import config, study
+from mixprec.cli import UsageError
+from mixprec.config import ROLES, RunConfig, build_parser, changed, defaults, option_name, options_with
+from mixprec.report import groups, tables
+
+PACKAGE = Path(config.__file__).parent
+NAMES = {f.name for f in fields(RunConfig)}
+# tuples of field names that are record keys, not a role's members: config.json's keys the report needs of a run
+RECORD_KEYS = {("report/runs.py", ("mode", "model", "seed"))}
+
+
+def test_every_field_has_a_role_a_help_section_and_help():
+    for f in fields(RunConfig):
+        assert f.metadata["roles"] and f.metadata["roles"] <= set(ROLES), f.name
+        assert f.metadata["group"] in config.GROUPS and len(f.metadata["help"]) > 10, f.name
+    assert all(options_with(role) for role in ROLES)  # no role is left without an option
+
+
+def test_the_lists_elsewhere_are_the_registrys():
+    assert config.ABLATION_OPTIONS == options_with("ablation")
+    assert groups.TRAINING == options_with("training") and groups.LABELLED == options_with("label")
+    assert groups.IGNORED == options_with("copy") and tables.GRID == study.GRID == options_with("grid")
+    assert study.VARIED == tuple(option_name(n) for n in options_with("study")) + ("--resume",)
+    assert set(options_with("label")) <= set(options_with("ablation"))
+    assert groups.DEFAULTS == {name: groups._hashable(value) for name, value in defaults().items()}
+
+
+def _literals(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            yield node.lineno, tuple(e.value for e in node.elts if isinstance(e, ast.Constant)
+                                     and isinstance(e.value, str) and e.value in NAMES)
+
+
+def test_no_module_writes_a_list_of_options_of_one_role_by_hand():
+    """A literal tuple, list or set of three or more option names that share a role is a copy of the registry."""
+    copies = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = str(path.relative_to(PACKAGE))
+        for line, names in _literals(ast.parse(path.read_text())):
+            shared = set.intersection(*(set(f.metadata["roles"]) for f in fields(RunConfig) if f.name in names)) \
+                if len(names) >= 3 else set()
+            if shared and (relative, names) not in RECORD_KEYS:
+                copies.append(f"{relative}:{line} {names} (role {', '.join(sorted(shared))})")
+    assert not copies, copies
+
+
+def _other_value(name: str):
+    f = next(f for f in fields(RunConfig) if f.name == name)
+    if isinstance(f.default, bool):
+        return not f.default
+    choices = f.metadata["argparse"].get("choices")
+    if choices:
+        return next(c for c in choices if c != f.default)
+    return {"loss_scale": "none", "fp8_amax_history": 32, "fp8_margin": 1}[name]
+
+
+@pytest.mark.parametrize("name", options_with("manual"))
+def test_a_manual_option_away_from_its_default_is_refused_in_another_mode_by_its_flag(name):
+    with pytest.raises(UsageError, match=f"^{option_name(name)} is an ablation of manual mode"):
+        RunConfig(mode="amp", model="resnet20", **{name: _other_value(name)})
+    assert changed(RunConfig(mode="manual", model="resnet20", **{name: _other_value(name)}), "manual") == (name,)
+
+
+@pytest.mark.parametrize("name", options_with("fp8"))
+def test_an_fp8_option_without_fp8_is_refused_by_its_flag(name):
+    with pytest.raises(UsageError, match=f"^{option_name(name)} sets up FP8 training"):
+        RunConfig(mode="manual", model="resnet20", **{name: _other_value(name)})
+
+
+def test_the_parser_has_every_field_with_its_default_and_shows_only_real_defaults():
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for f in fields(RunConfig):
+        assert actions[f.name].option_strings == [option_name(f.name)]
+        assert actions[f.name].default == (None if f.default is MISSING else f.default), f.name
+    text = parser.format_help()
+    assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
+    assert "(default: ())" not in text and "(default: 0.1)" in text
