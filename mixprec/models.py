@@ -111,6 +111,19 @@ def _no_weights(arch: str, e: Exception, remedy: str) -> UsageError:
                       f"{reason}; run without --pretrained or {remedy}")
 
 
+def _fan_in_classifier(model: nn.Module) -> nn.Module:
+    """Re-initialise the classifier (the last Linear) as nn.Linear does, uniform in +-1/sqrt(fan-in), bias 0.
+
+    torchvision's EfficientNets and timm's TF ports draw it uniform in +-1/sqrt(fan-out), which is +-0.32 for 10
+    classes: ten times ImageNet's range, logits of std ~3 and a first loss of ~5 instead of ln 10 = 2.30."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    bound = head.in_features ** -0.5
+    nn.init.uniform_(head.weight, -bound, bound)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+    return model
+
+
 def _cifar_resnet(arch: str) -> Callable[..., nn.Module]:
     def build(num_classes: int = 10, pretrained: bool = False) -> nn.Module:
         """3x3 stride-1 first convolution instead of 7x7/2, and no max-pool: stages at 32, 16, 8, 4 px."""
@@ -127,7 +140,7 @@ def _efficientnet(arch: str) -> Callable[..., nn.Module]:
         """Stem convolution stride 2 -> 1 (Frankola 2022's fix): stages at 32 down to 2 px."""
         model = _torchvision(arch, num_classes, pretrained)
         _stride1(model.features[0][0])
-        return model
+        return _fan_in_classifier(model)  # torchvision's is sized for 1,000 classes
 
     return build
 
@@ -137,7 +150,7 @@ def _timm_efficientnetv2(arch: str) -> Callable[..., nn.Module]:
         """timm's TF port, as the thesis used; stem convolution stride 2 -> 1: stages at 32 down to 2 px."""
         model = _timm(arch, num_classes, pretrained)
         _stride1(model.conv_stem)  # a Conv2dSame: its TF 'same' padding follows the stride
-        return model
+        return _fan_in_classifier(model)  # timm's TF init is sized by the classes, as torchvision's
 
     return build
 
