@@ -20,8 +20,9 @@ import math
 
 import torch
 
-# A checkpoint's partial epoch kept one {step: tensor} dict per source under these keys before the
-# protocol (the keys of the three sources then); :func:`restored` still reads them.
+# Before this protocol a checkpoint's partial epoch kept one {step: tensor} dict per source, under these
+# keys; :func:`restored` regroups them by step under the same keys, which is why the scaler's, the FP8
+# layers' and the master weights' sources keep them as their ``key``.
 LEGACY_KEYS = ("grad_stats", "fp8_stats", "update_stats")
 
 
