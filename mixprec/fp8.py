@@ -29,6 +29,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .telemetry import Telemetry
+
 
 @dataclass(frozen=True)
 class Fp8Format:
@@ -100,13 +102,17 @@ def dequantize(t: Fp8Tensor) -> torch.Tensor:
     return widen(t.data) * t.scale_inv
 
 
-class Fp8Telemetry:
+class Fp8Telemetry(Telemetry):
     """Per-step sums, on the device, over every FP8 quantization of one class (weights, activations,
     gradients): elements saturated (``|x * scale|`` at or beyond the format's overflow threshold, where a
     plain cast would have overflowed), elements flushed to zero (nonzero in, zero out), elements, and the
-    sum of log2(scale) over uses. :meth:`pop` turns them into the fractions and the geometric-mean scale."""
+    sum of log2(scale) over uses. :meth:`pop` turns them into the fractions and the geometric-mean scale,
+    one value per column of :data:`COLUMNS`."""
+
+    key, columns = "fp8_stats", COLUMNS
 
     def __init__(self, device: torch.device):
+        super().__init__()
         self.sums = torch.zeros(len(ROLES), 5, dtype=torch.float64, device=device)
         self.measured = False
 
@@ -281,10 +287,6 @@ class Fp8Training:
         from .halfops import EmulatedFp8
 
         return EmulatedFp8(self.layer_for)
-
-    def pop_stats(self) -> torch.Tensor | None:
-        """This step's telemetry (see :meth:`Fp8Telemetry.pop`), or None on a step that measured none."""
-        return self.telemetry.pop()
 
     def describe(self) -> dict:
         """The recipe, for summary.json."""

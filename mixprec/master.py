@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .telemetry import Telemetry
+
 COLUMNS = ("update_lost_frac", "decay_lost_frac")  # steps.csv, NaN where not measured (see lost_updates)
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -30,6 +32,17 @@ def half_with_fp32_norm_(model: nn.Module, dtype: torch.dtype = torch.float16, f
             if isinstance(m, _NORM_LAYERS):
                 m.float()
     return model
+
+
+class LostUpdateTelemetry(Telemetry):
+    """What rounding took from a step without master weights (see :func:`lost_updates`): the fractions of
+    the moving weights that did not move, and of the nonzero weights whose decay rounded away."""
+
+    key, columns = "update_stats", COLUMNS
+
+    def to_row(self, values: list[float]) -> dict[str, float]:
+        lost, moving, decays_lost, nonzero = values
+        return dict(zip(self.columns, (lost / max(moving, 1), decays_lost / max(nonzero, 1))))
 
 
 class MasterWeights:
@@ -53,12 +66,12 @@ class MasterWeights:
         # disabled (the --no-master-weights ablation): the optimizer owns the model's own parameters
         self.params = ([nn.Parameter(p.detach().clone().float()) for p in self.model_params] if enabled
                        else self.model_params)
-        self._stats: torch.Tensor | None = None
+        self.telemetry = LostUpdateTelemetry()
 
     @contextmanager
     def watching(self, optimizer: torch.optim.Optimizer, measure: bool):
         """Around ``optimizer.step()``: without master weights, on a ``measure`` step, count what the half
-        weights failed to take (for :meth:`pop_stats`); otherwise nothing. With master weights nothing is
+        weights failed to take (into :attr:`telemetry`); otherwise nothing. With master weights nothing is
         lost to the model's precision, so nothing is measured."""
         halves = [p for p in self.params if p.dtype != torch.float32]  # FP32 (BatchNorm) ones lose nothing
         if self.enabled or not measure or not halves:
@@ -66,13 +79,12 @@ class MasterWeights:
             return
         before = [p.detach().clone() for p in halves]
         yield
-        self._stats = lost_updates(optimizer, halves, before)
+        self.telemetry.record(lost_updates(optimizer, halves, before))
 
     def pop_stats(self) -> torch.Tensor | None:
         """``[updates lost, nonzero updates, decays lost, nonzero weights]`` of the last measured step
-        (see :func:`lost_updates`), or None."""
-        stats, self._stats = self._stats, None
-        return stats
+        (see :func:`lost_updates`), or None: the device tensor of :attr:`telemetry`'s ``pop``."""
+        return self.telemetry.pop()
 
     @torch.no_grad()
     def copy_to_model_(self) -> None:

@@ -21,6 +21,8 @@ import warnings
 import numpy as np
 import torch
 
+from .telemetry import Telemetry
+
 
 def _f32_mul(a: float, b: float) -> float:
     """``a * b`` rounded to float32, as GradScaler's float32 scale tensor computes it."""
@@ -31,6 +33,19 @@ def _f32_mul(a: float, b: float) -> float:
 FP16_SMALLEST_NORMAL = 2.0**-14
 FP16_SMALLEST_SUBNORMAL = 2.0**-24
 FP16_MAX = 65504.0
+COLUMNS = ("grad_max_abs", "grad_zero_frac", "grad_underflow_frac")  # steps.csv, NaN where not measured
+
+
+class GradientTelemetry(Telemetry):
+    """The gradient statistics of a step, as :meth:`DynamicLossScaler.unscale_` measures them (see there):
+    the largest |gradient|, and the fractions of the elements that are zero in the half backward pass's
+    gradients and that would underflow FP16 without the scale."""
+
+    key, columns = "grad_stats", COLUMNS
+
+    def to_row(self, values: list[float]) -> dict[str, float]:
+        largest, zeros, underflow, elements = values
+        return dict(zip(self.columns, (largest, zeros / elements, underflow / elements)))
 
 
 class LossScaleCollapse(RuntimeError):
@@ -79,7 +94,7 @@ class DynamicLossScaler:
         dynamic: ``False`` keeps the scale at ``init_scale`` forever (a static scale; 1.0 = no
             scaling). Overflowing steps are still skipped: an inf gradient cannot be applied.
         telemetry_every: measure gradient statistics in :meth:`unscale_` every this many steps
-            (the first step included), for :meth:`pop_stats`; ``None`` never.
+            (the first step included), into :attr:`telemetry` (a :class:`GradientTelemetry`); ``None`` never.
 
     Note: ``update`` with a tensor, or ``bool(found_inf)``, waits for the device (one host sync).
     """
@@ -116,7 +131,7 @@ class DynamicLossScaler:
         self._steps = 0  # update() calls: optimizer steps taken or skipped
         self._steps_at_min_scale = 0
         self._unscaled = False
-        self._stats: torch.Tensor | None = None
+        self.telemetry = GradientTelemetry()
 
     def get_scale(self) -> float:
         return self._scale
@@ -131,9 +146,9 @@ class DynamicLossScaler:
         return self.telemetry_every is not None and self._steps % self.telemetry_every == 0
 
     def pop_stats(self) -> torch.Tensor | None:
-        """The statistics measured at this step's :meth:`unscale_`, if it measured any (see there)."""
-        stats, self._stats = self._stats, None
-        return stats
+        """The statistics measured at this step's :meth:`unscale_`, if it measured any (see there): the
+        device tensor of :attr:`telemetry`'s :meth:`~GradientTelemetry.pop`."""
+        return self.telemetry.pop()
 
     @torch.no_grad()
     def unscale_(self, model_params: list[torch.Tensor], master_params: list[torch.Tensor]) -> torch.Tensor:
@@ -144,7 +159,7 @@ class DynamicLossScaler:
         backward and before :meth:`update`. ``master_params`` may be ``model_params`` themselves
         (no master weights): the gradients are then unscaled in place, in their own precision.
 
-        Every ``telemetry_every`` steps it also measures, for :meth:`pop_stats`, a device tensor
+        Every ``telemetry_every`` steps it also records in :attr:`telemetry` a device tensor
         ``[largest |grad|, zero elements, elements that underflow FP16 unscaled, elements]``. The
         zeros are counted in the scaled model gradients (what the half backward pass produced), the
         underflows in the unscaled master gradients (nonzero and below FP16's smallest normal,
@@ -182,8 +197,9 @@ class DynamicLossScaler:
             below_normal = sum(torch.count_nonzero(g.abs().lt_(FP16_SMALLEST_NORMAL)) for g in master_grads)
             # FP16 -> FP32 widening and an FP32 unscale keep every nonzero nonzero; in FP16, in place, not
             master_zeros = zeros if separate else elements - sum(torch.count_nonzero(g) for g in master_grads)
-            self._stats = torch.stack([largest.float(), zeros.float(), (below_normal - master_zeros).float(),
-                                       torch.tensor(float(elements), device=device)])
+            underflow = below_normal - master_zeros
+            self.telemetry.record(torch.stack([largest.float(), zeros.float(), underflow.float(),
+                                               torch.tensor(float(elements), device=device)]))
         self._unscaled = True
         return found_inf
 

@@ -24,10 +24,11 @@ from torch import nn
 from . import distributed
 from .cli import UsageError
 from .config import RunConfig, warn_if_slow
-from .fp8 import Fp8Recipe, Fp8Training
+from .fp8 import Fp8Recipe, Fp8Telemetry, Fp8Training
 from .halfops import EmulatedAutocast, emulated_half_compute
-from .master import MasterWeights, half_with_fp32_norm_
-from .scaler import DynamicLossScaler
+from .master import LostUpdateTelemetry, MasterWeights, half_with_fp32_norm_
+from .scaler import DynamicLossScaler, GradientTelemetry
+from .telemetry import Telemetry
 
 
 class StepOut(NamedTuple):
@@ -138,10 +139,19 @@ class OverflowInjector:
         return getattr(self._scaler, name)
 
 
+# Every run's steps.csv has these sources' columns, in this order, NaN where its mode measures none, so
+# that the runs of every mode share one table. A source a Precision adds beyond them appends its own.
+TELEMETRY = (GradientTelemetry, Fp8Telemetry, LostUpdateTelemetry)
+
+
 @dataclass
 class Precision:
     """A mode, ready to train: ``step(images, labels)``, ``forward(images)`` for evaluation, the
-    optimizer, and what was resolved (recorded in the summary)."""
+    optimizer, and what was resolved (recorded in the summary).
+
+    ``telemetry`` lists the sources of the per-step statistics this mode measures (see
+    :mod:`mixprec.telemetry`); the training loop reaches them only through :meth:`pop_stats` and
+    :meth:`stats_row`, so a new statistic is a source appended here, where the mode is set up."""
 
     step: Callable[[torch.Tensor, torch.Tensor], StepOut]
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -154,19 +164,24 @@ class Precision:
     notes: list[str] = field(default_factory=list)  # caveats recorded in the summary
     description: str = "FP32"  # for the run's first log line
     fp8: Fp8Training | None = None  # manual mode with --manual-dtype float8
+    telemetry: list[Telemetry] = field(default_factory=list)  # in steps.csv's order, after TELEMETRY's
 
-    def pop_stats(self) -> torch.Tensor | None:
-        """Gradient statistics the scaler measured at the last step, if any (manual mode)."""
-        return self.scaler.pop_stats() if isinstance(self.scaler, DynamicLossScaler) else None
+    def pop_stats(self) -> dict[str, torch.Tensor]:
+        """What the sources measured at the last step, ``{source key: device tensor}``; empty on a step
+        that measured nothing. Nothing waits for the device: the loop keeps the tensors there until the
+        epoch ends, and reads them all at once (:func:`mixprec.telemetry.to_host`)."""
+        return {source.key: stats for source in self.telemetry if (stats := source.pop()) is not None}
 
-    def pop_fp8_stats(self) -> torch.Tensor | None:
-        """FP8 saturation, flush-to-zero and scales measured at the last step, if any (see :mod:`mixprec.fp8`)."""
-        return self.fp8.pop_stats() if self.fp8 is not None else None
-
-    def pop_update_stats(self) -> torch.Tensor | None:
-        """Updates and weight decays lost to rounding at the last step, if measured (manual mode without master
-        weights, see :func:`mixprec.master.lost_updates`)."""
-        return self.master.pop_stats() if self.master is not None else None
+    def stats_row(self, measured: dict[str, list[float]]) -> dict[str, float]:
+        """``steps.csv``'s statistics columns of one step, from the host values of what :meth:`pop_stats`
+        gave then: every column of :data:`TELEMETRY` and of this mode's sources, NaN where nothing was measured."""
+        row = {}
+        for source in (*TELEMETRY, *self.telemetry):
+            row.update(source.unmeasured())
+        for source in self.telemetry:
+            if source.key in measured:
+                row.update(source.to_row(measured[source.key]))
+        return row
 
 
 def _with_injection(scaler, cfg: RunConfig):
@@ -301,8 +316,10 @@ def _manual(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.devi
         cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
     step = partial(manual_step, distributed.wrap(net, device), opt, master=master, scaler=_with_injection(scaler, cfg),
                    dtype=dtype, half_compute=half_compute, **options)
+    telemetry = [scaler.telemetry, *([fp8.telemetry] if fp8 is not None else []), master.telemetry]
     return Precision(step=step, forward=eval_forward(net, half_compute, dtype), optimizer=opt,
                      loss_scale=scaler.get_scale, half_compute=how, master=master, scaler=scaler, fp8=fp8, notes=notes,
+                     telemetry=telemetry,
                      description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, {arithmetic}, {scaling}")
 
 

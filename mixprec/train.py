@@ -23,12 +23,10 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from . import device as dev
-from . import distributed
+from . import distributed, telemetry
 from .cli import UsageError
 from .config import RunConfig
 from .data import CifarLoader, Splits
-from .fp8 import COLUMNS as FP8_COLUMNS
-from .master import COLUMNS as UPDATE_COLUMNS
 from .memory import SavedTensorBytes, breakdown
 from .models import build_model, count_macs, count_params
 from .scaler import LossScaleCollapse
@@ -184,9 +182,7 @@ class EpochProgress:
     lrs: list = field(default_factory=list)
     scales: list = field(default_factory=list)
     skips: list = field(default_factory=list)
-    grad_stats: dict = field(default_factory=dict)  # step -> the scaler's gradient statistics
-    fp8_stats: dict = field(default_factory=dict)  # step -> the FP8 layers' statistics
-    update_stats: dict = field(default_factory=dict)  # step -> updates lost to rounding (no master weights)
+    stats: dict = field(default_factory=dict)  # step -> Precision.pop_stats() where it measured anything
     steps_done: int = 0
     seconds: float = 0.0  # training time before this stretch of the epoch (an interruption's)
     warmup_seconds: float = 0.0
@@ -198,39 +194,23 @@ class EpochProgress:
             return cls(torch.full((steps,), math.nan, device=device), torch.zeros((), dtype=torch.int64, device=device))
         # saved with the losses averaged over the ranks and the correct count summed: rank 0 carries the count
         return cls(partial["losses"].to(device), partial["correct"].to(device) * distributed.is_main(),
-                   partial["lrs"], partial["scales"], partial["skips"],
-                   {int(k): v.to(device) for k, v in partial["grad_stats"].items()},
-                   {int(k): v.to(device) for k, v in partial.get("fp8_stats", {}).items()},
-                   {int(k): v.to(device) for k, v in partial.get("update_stats", {}).items()},
+                   partial["lrs"], partial["scales"], partial["skips"], telemetry.restored(partial, device),
                    partial["steps_done"], partial["seconds"], partial.get("warmup_seconds", 0.0))
 
     def saved(self, steps_done: int, seconds: float, last_finite_loss: float) -> dict:
         """The checkpoint's ``partial_epoch``: the same over all ranks, on the CPU (a collective under DDP)."""
         return {"steps_done": steps_done, "losses": _mean_over_ranks(self.losses).cpu(),
                 "correct": distributed.sum_(self.correct.clone()).cpu(), "lrs": self.lrs, "scales": self.scales,
-                "skips": self.skips, "grad_stats": {k: v.cpu() for k, v in self.grad_stats.items()},
-                "fp8_stats": {k: v.cpu() for k, v in self.fp8_stats.items()},
-                "update_stats": {k: v.cpu() for k, v in self.update_stats.items()},
+                "skips": self.skips, "stats": telemetry.saved(self.stats),
                 "warmup_seconds": self.warmup_seconds, "seconds": seconds, "last_finite_loss": last_finite_loss}
 
-    def step_rows(self, losses: list[float], first_step: int, epoch: int) -> list[dict]:
-        """``steps.csv``'s rows of the finished epoch (reads the statistics off the device: a host sync)."""
-        grad, fp8, updates = map(_to_host, (self.grad_stats, self.fp8_stats, self.update_stats))
-        rows = []
-        for i, (loss, lr, scale, skipped) in enumerate(zip(losses, self.lrs, self.scales, self.skips)):
-            largest, zeros, underflow, elements = grad.get(i, (math.nan,) * 3 + (1.0,))
-            lost, moving, decays_lost, nonzero = updates.get(i, (math.nan, 1.0) * 2)
-            rows.append(dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
-                             grad_max_abs=largest, grad_zero_frac=zeros / elements,
-                             grad_underflow_frac=underflow / elements,
-                             **dict(zip(FP8_COLUMNS, fp8.get(i, (math.nan,) * len(FP8_COLUMNS)))),
-                             **dict(zip(UPDATE_COLUMNS, (lost / max(moving, 1), decays_lost / max(nonzero, 1))))))
-        return rows
-
-
-def _to_host(stats: dict) -> dict:
-    """``{step: device tensor}`` as ``{step: list of floats}``, in one transfer (a host sync)."""
-    return dict(zip(stats, torch.stack(list(stats.values())).tolist())) if stats else {}
+    def step_rows(self, losses: list[float], first_step: int, epoch: int, precision: Precision) -> list[dict]:
+        """``steps.csv``'s rows of the finished epoch, with the statistics columns that ``precision`` makes of
+        what it measured (read off the device in one transfer: a host sync)."""
+        measured = telemetry.to_host(self.stats)
+        return [dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
+                     **precision.stats_row(measured.get(i, {})))
+                for i, (loss, lr, scale, skipped) in enumerate(zip(losses, self.lrs, self.scales, self.skips))]
 
 
 @dataclass
@@ -287,12 +267,8 @@ def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
         p.correct += (out.logits.argmax(1) == labels).sum()
         p.scales.append(precision.loss_scale())
         p.skips.append(out.skipped)
-        if (stats := precision.pop_stats()) is not None:
-            p.grad_stats[i] = stats  # stays on the device: read once, at the end of the epoch
-        if (stats := precision.pop_fp8_stats()) is not None:
-            p.fp8_stats[i] = stats  # likewise
-        if (stats := precision.pop_update_stats()) is not None:
-            p.update_stats[i] = stats  # likewise
+        if stats := precision.pop_stats():
+            p.stats[i] = stats  # stays on the device: read once, at the end of the epoch
         if i + 1 == warmup_steps:
             dev.synchronize(loop.device)
             p.warmup_seconds = p.seconds + time.perf_counter() - start
@@ -310,7 +286,7 @@ def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
     images = n * loader.batch_size
     loop.last_finite_loss = last_finite_loss
     return EpochStats(mean_loss, int(correct) / images, sum(p.skips), images,
-                      p.step_rows(losses.tolist(), first_step, epoch), p.seconds, p.warmup_seconds,
+                      p.step_rows(losses.tolist(), first_step, epoch, precision), p.seconds, p.warmup_seconds,
                       warmup_steps * loader.batch_size, memory)
 
 
