@@ -7,7 +7,7 @@ variant alike, and prints the median step times and the ratios. Targets, against
 manual step time <= 1.10 (issue: core study), amp-fp16 step time <= 1.20 (issue: amp reference),
 and saved-for-backward bytes <= 0.52 for both (physical limit 0.50); manual-fp8 (--manual-dtype float8,
 delayed scaling) step time <= 1.5 (issue 17) and saved bytes <= 0.52 (it saves the FP16 operands and
-casts them again in backward, see halfops._fp8_scales). Exits 1 when a target is missed.
+casts them again in backward, see fp8._saved_scales). Exits 1 when a target is missed.
 
     python experiments/bench_half_compute.py [--model resnet20] [--batch-size 128] [--rounds 7] [--native]
 
