@@ -37,8 +37,8 @@ VARIANTS=(
     "--modes manual --no-master-weights"
     "--modes manual --fp16-batchnorm"
     "--modes manual --manual-dtype bfloat16"
-    "--modes manual --manual-dtype float8 --fp8-scaling delayed"
-    "--modes manual --manual-dtype float8 --fp8-scaling current"
+    "--modes manual --fp8 delayed"
+    "--modes manual --fp8 current"
 )
 # Seeds vary slowest, so an interrupted study leaves whole seeds: seed 0's nine rows before any of seed 1's.
 for seed in "${SEED_LIST[@]}"; do

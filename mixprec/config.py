@@ -27,8 +27,8 @@ SCHEDULES = ("step", "cosine", "cosine-restarts")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("auto", "float16", "bfloat16")
 HALF_COMPUTES = ("auto", "native", "emulated")
-MANUAL_DTYPES = ("float16", "bfloat16", "float8")
-FP8_SCALINGS = ("delayed", "current")
+MANUAL_DTYPES = ("float16", "bfloat16")
+FP8_RECIPES = ("off", "delayed", "current")
 ON_MIN_SCALE = ("raise", "skip")
 
 ROLES = {  # what an option is to the rest of mixprec; every field has at least one
@@ -41,7 +41,7 @@ ROLES = {  # what an option is to the rest of mixprec; every field has at least 
                 "when not at its default",
     "label": "named in the report's mode label when not at its default",
     "manual": "means something in manual mode only: given with another mode, an error",
-    "fp8": "sets up FP8 training: given without --manual-dtype float8, an error",
+    "fp8": "sets up FP8 training: given without --fp8 delayed or current, an error",
     "fault": "fault injection, to watch a loss scaler skip a step",
     "resumable": "--resume lets it differ from the run's own",
 }
@@ -51,7 +51,7 @@ GROUPS = {  # sections of --help, in order
     "precision": "precision and device",
     "data": "data and output",
     "ablations": "manual-mode ablations and loss-scaler controls",
-    "fp8": "FP8 (with --mode manual --manual-dtype float8)",
+    "fp8": "FP8, a recipe over manual mode's FP16 model",
 }
 CHECKS = {  # value checks an option can ask for: (test, what the error says it must be)
     "positive int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
@@ -176,9 +176,7 @@ class RunConfig:
                                   help="run BatchNorm in FP16 too")
     manual_dtype: str = option("float16", roles="ablation label manual", group="ablations", choices=MANUAL_DTYPES,
                                help="the half type of manual mode; bfloat16 has FP32's exponent range and needs no "
-                               "loss scaling. float8: an FP16 model whose convolutions and linears compute on "
-                               "emulated FP8 operands (E4M3 activations and weights, E5M2 gradients, per-tensor "
-                               "scales, FP32 accumulation, FP16 results)")
+                               "loss scaling (for FP8 see --fp8)")
     inject_overflow: tuple[int, ...] = option((), roles="ablation label fault", group="ablations", type=_step_list,
                                               metavar="STEP[,STEP...]",
                                               help="make the scaled loss inf at these optimizer steps (1-based, "
@@ -196,13 +194,15 @@ class RunConfig:
                              "(one overflow decision per step); --batch-size stays the images per optimizer step")
     telemetry_every: int = option(10, roles="ablation", group="ablations", check="positive int", metavar="N",
                                   help="measure the largest gradient and the zero and FP16-underflow fractions (and "
-                                  "with float8 the FP8 saturation, flush-to-zero and scales) every N optimizer steps "
+                                  "with --fp8 the FP8 saturation, flush-to-zero and scales) every N optimizer steps "
                                   "in manual mode (steps.csv); the loss scale and skips are recorded at every step")
-    # FP8 (--manual-dtype float8 only)
-    fp8_scaling: str = option("delayed", roles="ablation fp8", group="fp8", choices=FP8_SCALINGS,
-                              help="delayed: each tensor's scale comes from the largest amax of its last "
-                              "--fp8-amax-history uses (TransformerEngine's DelayedScaling; the first use scales "
-                              "from its own amax); current: from the tensor's own amax")
+    # FP8: a recipe over the FP16 model of manual mode
+    fp8: str = option("off", roles="ablation label manual", group="fp8", choices=FP8_RECIPES,
+                      help="train manual mode's FP16 model with its convolutions and linears on emulated FP8 "
+                      "operands (E4M3 activations and weights, E5M2 gradients, per-tensor scales, FP32 "
+                      "accumulation, FP16 results). delayed: each tensor's scale comes from the largest amax of its "
+                      "last --fp8-amax-history uses (TransformerEngine's DelayedScaling; the first use scales from "
+                      "its own amax); current: from the tensor's own amax")
     fp8_amax_history: int = option(16, roles="ablation fp8", group="fp8", check="positive int", metavar="N",
                                    help="uses of each tensor whose amax delayed scaling remembers")
     fp8_margin: int = option(0, roles="ablation fp8", group="fp8", check="non-negative int", metavar="M",
@@ -258,14 +258,15 @@ class RunConfig:
             if self.mode != "manual":
                 raise UsageError(f"{option_name(name)} is an ablation of manual mode; use it with --mode manual")
         for name in changed(self, "fp8"):
-            if self.mode != "manual" or self.manual_dtype != "float8":
-                raise UsageError(f"{option_name(name)} sets up FP8 training; use it with --mode manual "
-                                 "--manual-dtype float8")
-        if self.fp8_scaling == "current" and "fp8_amax_history" in changed(self, "fp8"):
-            raise UsageError("--fp8-amax-history is the history of delayed scaling; --fp8-scaling current keeps none")
-        if self.manual_dtype == "float8" and self.half_compute == "native":
-            raise UsageError("--manual-dtype float8 is emulated FP8 (there are no FP8 kernels here); drop "
-                             "--half-compute native")
+            if self.fp8 == "off":
+                raise UsageError(f"{option_name(name)} sets up FP8 training; use it with --mode manual --fp8 delayed "
+                                 "(or current)")
+        if self.fp8 == "current" and "fp8_amax_history" in changed(self, "fp8"):
+            raise UsageError("--fp8-amax-history is the history of delayed scaling; --fp8 current keeps none")
+        if self.fp8 != "off" and self.manual_dtype != "float16":
+            raise UsageError(f"--fp8 is a recipe over an FP16 model; drop --manual-dtype {self.manual_dtype}")
+        if self.fp8 != "off" and self.half_compute == "native":
+            raise UsageError("--fp8 is emulated FP8 (there are no FP8 kernels here); drop --half-compute native")
         if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in self.inject_overflow):
             raise UsageError(f"--inject-overflow takes optimizer steps counted from 1, got {self.inject_overflow!r}")
         if self.inject_overflow and self.mode == "baseline":
@@ -401,9 +402,19 @@ def option_name(name: str) -> str:
     return f.metadata["flag"] or f"--{name.replace('_', '-')}"
 
 
-def config_from_json(saved: dict) -> RunConfig:
-    """A :class:`RunConfig` back from ``config.json`` (JSON turns tuples into lists)."""
+def upgrade(saved: dict) -> dict:
+    """A ``config.json`` as this version writes it. Runs made before ``--fp8`` say ``manual_dtype: float8`` and
+    ``fp8_scaling`` instead: an FP16 model with that FP8 recipe."""
     saved = dict(saved)
+    scaling = saved.pop("fp8_scaling", "delayed")
+    if saved.get("manual_dtype") == "float8":
+        saved["manual_dtype"], saved["fp8"] = "float16", scaling
+    return saved
+
+
+def config_from_json(saved: dict) -> RunConfig:
+    """A :class:`RunConfig` back from ``config.json`` (JSON turns tuples into lists; older runs are upgraded)."""
+    saved = upgrade(saved)
     saved["inject_overflow"] = tuple(saved.get("inject_overflow", ()))
     known = {f.name for f in fields(RunConfig)}
     return RunConfig(**{k: v for k, v in saved.items() if k in known})

@@ -178,7 +178,8 @@ class RunSummary:
     skipped_steps: int | None  # None in baseline mode, which has no loss scaler
     final_loss_scale: float | None = _copied("result")
     ablation: dict  # the manual-mode ablation options (mixprec.config.ABLATION_OPTIONS)
-    fp8: dict | None = _copied("result")  # formats and scaling recipe of a --manual-dtype float8 run, else None
+    fp8: dict | None = _copied("result")  # formats and scaling recipe of an --fp8 run, else None
+    loss_scaler: str | None = _copied("result")  # GradScaler, dynamic, static or none; None: no scaler ran
     notes: list = _copied("result")
     test_accuracy: float | None = None
     test_loss: float | None = None

@@ -163,7 +163,8 @@ class Precision:
     scaler: DynamicLossScaler | torch.amp.GradScaler | None = None
     notes: list[str] = field(default_factory=list)  # caveats recorded in the summary
     description: str = "FP32"  # for the run's first log line
-    fp8: Fp8Training | None = None  # manual mode with --manual-dtype float8
+    fp8: Fp8Training | None = None  # manual mode with --fp8
+    loss_scaler: str | None = None  # which ran: GradScaler, dynamic, static, none (manual's), or None (no scaler)
     telemetry: list[Telemetry] = field(default_factory=list)  # in steps.csv's order, after TELEMETRY's
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
@@ -242,13 +243,13 @@ def make_loss_scaler(cfg: RunConfig) -> DynamicLossScaler:
 
 
 def setup_fp8(cfg: RunConfig, model: nn.Module, device: torch.device, scaler: DynamicLossScaler) -> Fp8Training:
-    """The FP8 layers of the (already FP16) ``model`` for ``--manual-dtype float8``; they measure their
-    telemetry at the steps the loss scaler measures the gradients'."""
-    recipe = Fp8Recipe(cfg.fp8_scaling, cfg.fp8_amax_history, cfg.fp8_margin, cfg.fp8_all_layers)
+    """The FP8 layers of the (already FP16) ``model`` for ``--fp8``; they measure their telemetry at the
+    steps the loss scaler measures the gradients'."""
+    recipe = Fp8Recipe(cfg.fp8, cfg.fp8_amax_history, cfg.fp8_margin, cfg.fp8_all_layers)
     try:
         return Fp8Training(model, recipe, device, measuring=scaler.telemetry_due)
     except ValueError as e:
-        raise UsageError(f"--manual-dtype float8 with {cfg.model}: {e}") from None
+        raise UsageError(f"--fp8 with {cfg.model}: {e}") from None
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -266,7 +267,7 @@ def _autocast(cfg: RunConfig, device: torch.device) -> tuple[AbstractContextMana
 
 def _half(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype, str]:
     """manual mode's half dtype (the model's) and how its arithmetic runs (FP8 computes, emulated, on FP16)."""
-    if cfg.manual_dtype == "float8":
+    if cfg.fp8 != "off":
         return torch.float16, "emulated"
     return getattr(torch, cfg.manual_dtype), resolve_half_compute(cfg.half_compute, device)
 
@@ -288,7 +289,7 @@ def _amp(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.device,
                                   scaler=_with_injection(scaler, cfg), **options),
                      forward=eval_forward(net, autocast), optimizer=opt,
                      loss_scale=lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=_name(dtype),
-                     half_compute=how, scaler=scaler,
+                     half_compute=how, scaler=scaler, loss_scaler="GradScaler" if scaler.is_enabled() else None,
                      description=f"torch.autocast({_name(dtype)}){arithmetic}, {scaling}")
 
 
@@ -299,7 +300,7 @@ def _manual(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.devi
     half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
     opt = _sgd(master.params, cfg)
     scaler = make_loss_scaler(cfg)
-    fp8 = setup_fp8(cfg, model, device, scaler) if cfg.manual_dtype == "float8" else None
+    fp8 = setup_fp8(cfg, model, device, scaler) if cfg.fp8 != "off" else None
     half_compute = fp8.compute() if fp8 is not None else half_compute_context(how)
     notes = []
     if dtype == torch.bfloat16 and cfg.loss_scale != "none":
@@ -310,16 +311,17 @@ def _manual(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.devi
     arithmetic = {"emulated": "emulated tensor-core arithmetic (half operands, FP32 accumulation)",
                   "native": "native half kernels"}[how]
     if fp8 is not None:
-        arithmetic = (f"emulated FP8 tensor-core arithmetic (E4M3 forward, E5M2 gradients, {cfg.fp8_scaling} "
+        arithmetic = (f"emulated FP8 tensor-core arithmetic (E4M3 forward, E5M2 gradients, {cfg.fp8} "
                       f"per-tensor scaling, FP32 accumulation; FP16: {', '.join(fp8.fp16_layers) or 'none'})")
     scaling = {"dynamic": "dynamic loss scale from {:g}", "none": "no loss scaling (scale {:g})"}.get(
         cfg.loss_scale, "static loss scale {:g}").format(scaler.get_scale())
     step = partial(manual_step, distributed.wrap(net, device), opt, master=master, scaler=_with_injection(scaler, cfg),
                    dtype=dtype, half_compute=half_compute, **options)
     telemetry = [scaler.telemetry, *([fp8.telemetry] if fp8 is not None else []), master.telemetry]
+    loss_scaler = cfg.loss_scale if cfg.loss_scale in ("dynamic", "none") else "static"
     return Precision(step=step, forward=eval_forward(net, half_compute, dtype), optimizer=opt,
                      loss_scale=scaler.get_scale, half_compute=how, master=master, scaler=scaler, fp8=fp8, notes=notes,
-                     telemetry=telemetry,
+                     telemetry=telemetry, loss_scaler=loss_scaler,
                      description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, {arithmetic}, {scaling}")
 
 

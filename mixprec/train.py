@@ -73,7 +73,8 @@ class RunResult:
     peak_memory_bytes: int = 0
     memory: dict | None = None  # bytes by role on one real training step (memory.breakdown)
     tf32: bool = False  # whether FP32 convolutions ran as TF32 (CUDA, Ampere or newer)
-    fp8: dict | None = None  # the FP8 formats and scaling recipe (Fp8Training.describe), for float8 runs
+    fp8: dict | None = None  # the FP8 formats and scaling recipe (Fp8Training.describe), for --fp8 runs
+    loss_scaler: str | None = None  # GradScaler, or manual mode's dynamic, static or none; None without one
     world_size: int = 1  # processes training together (torchrun); time and memory are rank 0's
     test: dict | None = None  # accuracy, loss, per_class_accuracy, confusion_matrix
 
@@ -321,7 +322,8 @@ def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | 
     scheduler = make_scheduler(cfg, precision.optimizer, len(train_loader))
     result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params, macs,
                        notes=precision.notes, tf32=tf32, world_size=world,
-                       fp8=precision.fp8.describe() if precision.fp8 is not None else None)
+                       fp8=precision.fp8.describe() if precision.fp8 is not None else None,
+                       loss_scaler=precision.loss_scaler)
     loop = Loop(cfg, model, precision, scheduler, train_loader, device, result,
                 scaled=precision.loss_scale() is not None, stop=stop)
     return loop, eval_loaders

@@ -1,4 +1,4 @@
-"""Emulated FP8 training (--manual-dtype float8): casts, delayed scaling, one step against FP32, skips, layers, telemetry."""
+"""Emulated FP8 training (--fp8): casts, delayed scaling, one step against FP32, skips, layers, telemetry."""
 
 import copy
 import math
@@ -10,7 +10,7 @@ from torch import nn
 
 from mixprec import models
 from mixprec.cli import UsageError
-from mixprec.config import RunConfig
+from mixprec.config import RunConfig, config_from_json
 from mixprec.fp8 import COLUMNS, E4M3, E5M2, Fp8Recipe, Fp8Tensor, TensorScaling, dequantize, scaled_cast, widen
 from mixprec.halfops import emulated_half_compute
 from mixprec.steps import setup_precision
@@ -42,7 +42,7 @@ def tiny_model(monkeypatch):
 
 def _cfg(**kw):
     kw.setdefault("mode", "manual")
-    kw.setdefault("manual_dtype", "float8")
+    kw.setdefault("fp8", "delayed")
     return RunConfig(model="three", device="cpu", **kw)
 
 
@@ -201,7 +201,7 @@ def test_telemetry_lands_in_the_step_rows_for_fp8_and_is_nan_otherwise(tiny_cifa
 
     splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
     fp8 = train(_cfg(epochs=1, batch_size=16, telemetry_every=5), splits, log=lambda msg: None)
-    fp16 = train(_cfg(epochs=1, batch_size=16, manual_dtype="float16"), splits, log=lambda msg: None)
+    fp16 = train(_cfg(epochs=1, batch_size=16, fp8="off"), splits, log=lambda msg: None)
     for result in (fp8, fp16):
         assert all(set(COLUMNS) <= set(row) for row in result.steps)
     measured = [i for i, row in enumerate(fp8.steps) if not math.isnan(row["fp8_grad_scale"])]
@@ -216,9 +216,11 @@ def test_telemetry_lands_in_the_step_rows_for_fp8_and_is_nan_otherwise(tiny_cifa
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(manual_dtype="float16", fp8_scaling="current"), "--fp8-scaling sets up FP8 training"),
-    (dict(mode="amp", manual_dtype="float16", fp8_all_layers=True), "--fp8-all-layers sets up FP8 training"),
-    (dict(fp8_scaling="current", fp8_amax_history=4), "--fp8-scaling current keeps none"),
+    (dict(fp8="off", fp8_margin=1), "--fp8-margin sets up FP8 training"),
+    (dict(mode="amp", fp8="off", fp8_all_layers=True), "--fp8-all-layers sets up FP8 training"),
+    (dict(mode="amp"), "--fp8 is an ablation of manual mode"),
+    (dict(manual_dtype="bfloat16"), "--fp8 is a recipe over an FP16 model"),
+    (dict(fp8="current", fp8_amax_history=4), "--fp8 current keeps none"),
     (dict(fp8_margin=-1), "--fp8-margin must be a non-negative integer"),
     (dict(fp8_amax_history=0), "--fp8-amax-history must be a positive integer"),
     (dict(half_compute="native"), "drop --half-compute native"),
@@ -226,3 +228,12 @@ def test_telemetry_lands_in_the_step_rows_for_fp8_and_is_nan_otherwise(tiny_cifa
 def test_fp8_options_are_checked(kw, message):
     with pytest.raises(UsageError, match=message):
         _cfg(**kw)
+
+
+@pytest.mark.parametrize("old, fp8", [({"manual_dtype": "float8", "fp8_scaling": "current"}, "current"),
+                                      ({"manual_dtype": "float8", "fp8_scaling": "delayed"}, "delayed"),
+                                      ({"manual_dtype": "float16", "fp8_scaling": "delayed"}, "off")])
+def test_a_run_directory_from_before_the_fp8_option_reads_as_that_recipe(old, fp8):
+    """Runs made before --fp8 wrote manual_dtype float8 and fp8_scaling into config.json."""
+    cfg = config_from_json({"mode": "manual", "model": "resnet20", **old})
+    assert (cfg.manual_dtype, cfg.fp8) == ("float16", fp8)

@@ -34,10 +34,9 @@ def test_plan_runs_every_combination_seeds_slowest_with_shared_options_passed_on
     assert [c.label for c in single] == ["resnet20 amp seed 0"]  # no grid: no grid suffix
     _, ablation = plan(["--models", "resnet20", "--modes", "manual", "--loss-scale", "none", "--no-master-weights"])
     assert [c.label for c in ablation] == ["resnet20 manual seed 0 loss_scale=none master_weights=False"]
-    _, fp8 = plan(["--models", "resnet20", "--modes", "manual", "--manual-dtype", "float8", "--fp8-scaling", "current",
+    _, fp8 = plan(["--models", "resnet20", "--modes", "manual", "--fp8", "current",
                    "--inject-overflow", "3,5"])
-    assert [c.label for c in fp8] == ["resnet20 manual seed 0 manual_dtype=float8 inject_overflow=3,5 "
-                                      "fp8_scaling=current"]  # each ablation variant logs to a file of its own
+    assert [c.label for c in fp8] == ["resnet20 manual seed 0 inject_overflow=3,5 fp8=current"]  # a log file each
     _, own_lr = plan(["--lr=0.1", "--models", "resnet20", "--modes", "amp"])  # the study's own --lr, not run's
     assert [c.argv[c.argv.index("--lr") + 1] for c in own_lr] == ["0.1"] and "--lr=0.1" not in own_lr[0].argv
 
