@@ -1,13 +1,88 @@
+"""What the tests share: data (a tiny synthetic CIFAR-10 in every format, the real copy when there is one), and
+tiny models that train in seconds, with helpers to configure and train them.
+
+A test module that trains the tiny models asks for them with ``pytestmark = pytest.mark.usefixtures("tiny_models")``
+(or takes the fixture) and imports the helpers: ``from tests.conftest import CPU, TinyNet, tiny_cfg, train_tiny``.
+"""
+
 import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CPU = torch.device("cpu")
+
+
+class TinyNet(nn.Module):
+    """conv -> BN -> ReLU -> pool -> linear: the smallest model with every kind of layer a step treats apart."""
+
+    def __init__(self, num_classes=10, batchnorm=True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8) if batchnorm else nn.Identity()
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ThreeLayerNet(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> linear: only the middle conv is FP8 by default."""
+
+    def __init__(self, num_classes=10, pretrained=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.stem(x)))
+        x = torch.relu(self.bn2(self.mid(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+TINY_MODELS = {"tiny": TinyNet, "three": ThreeLayerNet}
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """The :data:`TINY_MODELS` as mixprec models, by name (``--model tiny``), for this test only."""
+    from mixprec import models
+
+    for name, build in TINY_MODELS.items():
+        monkeypatch.setitem(models.MODELS, name, build)
+
+
+def tiny_cfg(**kw):
+    """A :class:`~mixprec.config.RunConfig` of the tiny model on the CPU, manual mode unless ``mode`` says
+    otherwise (needs the ``tiny_models`` fixture)."""
+    from mixprec.config import RunConfig
+
+    kw.setdefault("mode", "manual")
+    return RunConfig(model="tiny", device="cpu", **kw)
+
+
+def train_tiny(tiny_cifar, **kw):
+    """``mixprec.train.train`` of :func:`tiny_cfg` on the tiny CIFAR-10: one epoch of batches of 16 unless asked
+    otherwise, silent. Returns the :class:`~mixprec.train.RunResult`."""
+    from mixprec.data import load_cifar10, make_splits
+    from mixprec.train import train
+
+    splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
+    kw.setdefault("epochs", 1)
+    kw.setdefault("batch_size", 16)
+    return train(tiny_cfg(**kw), splits, log=lambda msg: None)
 
 
 @pytest.fixture(autouse=True)

@@ -3,49 +3,17 @@
 
 import pytest
 import torch
-from torch import nn
 
-from mixprec import models
 from mixprec.cli import UsageError
-from mixprec.config import RunConfig
-from mixprec.data import load_cifar10, make_splits
 from mixprec.steps import setup_precision
-from mixprec.train import train
+from tests.conftest import CPU, TinyNet, tiny_cfg, train_tiny
 
-CPU = torch.device("cpu")
-
-
-class TinyNet(nn.Module):
-    def __init__(self, num_classes=10, batchnorm=True):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8) if batchnorm else nn.Identity()
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.conv(x)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch):
-    monkeypatch.setitem(models.MODELS, "tiny", TinyNet)
-
-
-def _cfg(**kw):
-    kw.setdefault("mode", "manual")
-    return RunConfig(model="tiny", device="cpu", **kw)
-
-
-def _train(tiny_cifar, **kw):
-    splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
-    kw.setdefault("epochs", 1)
-    return train(_cfg(batch_size=16, **kw), splits, log=lambda msg: None)
+pytestmark = pytest.mark.usefixtures("tiny_models")
 
 
 @pytest.mark.parametrize("mode", ["manual", "amp"])  # amp on a CPU: float16 and GradScaler unless asked otherwise
 def test_injected_overflow_skips_backs_off_and_holds_the_lr_schedule(tiny_cifar, mode):
-    result = _train(tiny_cifar, mode=mode, inject_overflow=(2, 5), schedule="cosine")
+    result = train_tiny(tiny_cifar, mode=mode, inject_overflow=(2, 5), schedule="cosine")
     steps = result.steps
     assert [r["skipped"] for r in steps[:6]] == [False, True, False, False, True, False]
     assert steps[0]["loss_scale"] == 2.0**16 and steps[1]["loss_scale"] == 2.0**15
@@ -60,7 +28,7 @@ def test_injected_overflow_skips_backs_off_and_holds_the_lr_schedule(tiny_cifar,
 def test_clip_acts_on_the_unscaled_gradients(mode):
     torch.manual_seed(0)
     model = TinyNet(batchnorm=False)
-    p = setup_precision(_cfg(mode=mode, clip_grad_norm=1e-3, lr=1.0, momentum=0.0, weight_decay=0.0), model, CPU)
+    p = setup_precision(tiny_cfg(mode=mode, clip_grad_norm=1e-3, lr=1.0, momentum=0.0, weight_decay=0.0), model, CPU)
     params = p.master.params if p.master else list(model.parameters())
     before = [t.detach().clone() for t in params]
     assert not p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
@@ -75,7 +43,7 @@ def test_without_master_weights_small_updates_vanish():
         model = TinyNet(batchnorm=False)
         with torch.no_grad():
             model.fc.weight.fill_(1.0)
-        p = setup_precision(_cfg(master_weights=master_weights, lr=1e-4, momentum=0.0, weight_decay=0.0),
+        p = setup_precision(tiny_cfg(master_weights=master_weights, lr=1e-4, momentum=0.0, weight_decay=0.0),
                             model, CPU)
         assert p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped is False
         return model, p
@@ -90,18 +58,18 @@ def test_without_master_weights_small_updates_vanish():
 
 
 def test_fp16_batchnorm_and_bfloat16_manual():
-    p = setup_precision(_cfg(fp16_batchnorm=True), model := TinyNet(), CPU)
+    p = setup_precision(tiny_cfg(fp16_batchnorm=True), model := TinyNet(), CPU)
     assert model.bn.weight.dtype == torch.float16 and model.bn.running_var.dtype == torch.float16
-    p = setup_precision(_cfg(manual_dtype="bfloat16"), model := TinyNet(), CPU)
+    p = setup_precision(tiny_cfg(manual_dtype="bfloat16"), model := TinyNet(), CPU)
     assert model.conv.weight.dtype == torch.bfloat16 and model.bn.weight.dtype == torch.float32
     assert any("loss scaling is unnecessary" in n for n in p.notes)
     assert not p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
-    assert not setup_precision(_cfg(manual_dtype="bfloat16", loss_scale="none"), TinyNet(), CPU).notes
+    assert not setup_precision(tiny_cfg(manual_dtype="bfloat16", loss_scale="none"), TinyNet(), CPU).notes
 
 
 @pytest.mark.parametrize("loss_scale,expect", [("none", 1.0), ("512", 512.0)])
 def test_static_loss_scales_skip_without_backing_off(loss_scale, expect):
-    p = setup_precision(_cfg(loss_scale=loss_scale, inject_overflow=(1,)), TinyNet(), CPU)
+    p = setup_precision(tiny_cfg(loss_scale=loss_scale, inject_overflow=(1,)), TinyNet(), CPU)
     assert p.loss_scale() == expect
     assert p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
     assert p.loss_scale() == expect
@@ -113,7 +81,7 @@ def test_accumulated_micro_batches_add_up_to_the_full_batch_gradient():
     def one_step(accumulate):
         torch.manual_seed(0)
         model = TinyNet(batchnorm=False)  # BatchNorm statistics differ per micro-batch by design
-        p = setup_precision(_cfg(mode="baseline", accumulate=accumulate), model, CPU)
+        p = setup_precision(tiny_cfg(mode="baseline", accumulate=accumulate), model, CPU)
         p.step(x, y)
         return [t.detach().clone() for t in model.parameters()]
 
@@ -122,16 +90,9 @@ def test_accumulated_micro_batches_add_up_to_the_full_batch_gradient():
 
 
 def test_accumulation_makes_one_overflow_decision_per_optimizer_step():
-    p = setup_precision(_cfg(accumulate=2, inject_overflow=(1,)), TinyNet(), CPU)
+    p = setup_precision(tiny_cfg(accumulate=2, inject_overflow=(1,)), TinyNet(), CPU)
     assert p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
     assert p.loss_scale() == 2.0**15  # backed off once, not once per micro-batch
-
-
-def test_min_scale_raise_fails_the_run_with_the_reason(tiny_cifar):
-    # 2**16 halves to 1 after 16 overflows; the 17th would go below min_scale=1
-    result = _train(tiny_cifar, epochs=2, inject_overflow=tuple(range(1, 20)))
-    assert result.status == "failed" and "min_scale=1" in result.error
-    assert len(result.steps) == 11 and len(result.epochs) == 1  # failed in the second epoch, at step 17
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -143,4 +104,4 @@ def test_min_scale_raise_fails_the_run_with_the_reason(tiny_cifar):
 ])
 def test_meaningless_combinations_are_refused(kw, message):
     with pytest.raises(UsageError, match=message):
-        _cfg(**kw)
+        tiny_cfg(**kw)

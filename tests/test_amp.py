@@ -1,7 +1,6 @@
 """amp mode on a CPU: torch.autocast to float16 with GradScaler, its convolutions, linears and matmuls computed
 as emulated tensor-core arithmetic by the same layer as manual mode's."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,10 +120,3 @@ def test_bfloat16_is_a_named_variant_without_a_scaler():
     p = setup_precision(RunConfig(mode="amp", model="resnet20", device="cpu", amp_dtype="bfloat16",
                                   half_compute="native"), SmallConvNet(), CPU)
     assert (p.amp_dtype, p.half_compute, p.loss_scale()) == ("bfloat16", "native", None)
-
-
-def test_native_fp16_autocast_on_a_cpu_warns_that_it_is_slow():
-    with pytest.warns(UserWarning, match="naive FP16 kernels"):
-        p = setup_precision(RunConfig(mode="amp", model="resnet20", device="cpu", half_compute="native"),
-                            SmallConvNet(), CPU)
-    assert (p.amp_dtype, p.half_compute, p.loss_scale()) == ("float16", "native", 2.0**16)

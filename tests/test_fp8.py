@@ -8,36 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec import models
 from mixprec.cli import UsageError
 from mixprec.config import RunConfig, config_from_json
 from mixprec.fp8 import COLUMNS, E4M3, E5M2, Fp8Recipe, Fp8Tensor, TensorScaling, dequantize, scaled_cast, widen
 from mixprec.halfops import emulated_half_compute
 from mixprec.steps import setup_precision
+from tests.conftest import CPU, ThreeLayerNet
 
-CPU = torch.device("cpu")
-
-
-class ThreeLayerNet(nn.Module):
-    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> linear: only the middle conv is FP8 by default."""
-
-    def __init__(self, num_classes=10, pretrained=False):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.mid = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.stem(x)))
-        x = torch.relu(self.bn2(self.mid(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch):
-    monkeypatch.setitem(models.MODELS, "three", ThreeLayerNet)
+pytestmark = pytest.mark.usefixtures("tiny_models")
 
 
 def _cfg(**kw):

@@ -1,7 +1,10 @@
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixprec.halfops import emulated_half_compute
 from mixprec.memory import saved_tensor_bytes
@@ -73,12 +76,57 @@ def test_emulated_linear_matches_its_definition_and_native():
     torch.testing.assert_close(out.float(), lin(x).float(), rtol=1e-2, atol=1e-2)
 
 
-def test_fp32_calls_are_left_alone():
-    conv = nn.Conv2d(3, 4, 3)
-    x = torch.randn(1, 3, 8, 8)
-    with emulated_half_compute():
-        out = conv(x)
-    assert out.dtype == torch.float32 and torch.equal(out, conv(x))
+class _Ops(TorchDispatchMode):
+    """Records each ATen op that runs, forward and backward, with the dtype of its first tensor argument."""
+
+    def __enter__(self):
+        self.seen = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
+        self.seen.append((func.overloadpacket.__name__, dtypes[0] if dtypes else None))
+        return func(*args, **(kwargs or {}))
+
+
+ROUTED = {  # each kind of call the emulation routes, and its operands' shapes
+    "conv2d": (lambda x, w, b: F.conv2d(x, w, b, padding=1), [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]),
+    "linear": (F.linear, [(2, 5), (3, 5), (3,)]),
+    "matmul": (torch.matmul, [(2, 4), (4, 3)]),
+}
+
+
+def _traced(fn, operands, context):
+    """``fn`` forward and backward in ``context``: output, gradients, grad_fn type and the ops that ran."""
+    with context:
+        g = torch.ones_like(fn(*operands))
+    with context, _Ops() as ops:
+        out = fn(*operands)
+        grads = torch.autograd.grad(out, operands, g)
+    return out, grads, type(out.grad_fn), ops.seen
+
+
+@pytest.mark.parametrize("call", ROUTED)
+def test_fp16_calls_route_through_the_emulation_and_fp32_calls_are_left_alone(call):
+    fn, shapes = ROUTED[call]
+    torch.manual_seed(0)
+    fp32 = [torch.randn(shape, requires_grad=True) for shape in shapes]
+    fp16 = [t.detach().half().requires_grad_() for t in fp32]
+
+    # FP16 operands: PyTorch's own op would compute in FP16; in the context they are only ever widened (or
+    # detached), the arithmetic runs in FP32 kernels, and the emulation's own autograd function rounds to FP16
+    out, grads, node, ops = _traced(fn, fp16, emulated_half_compute())
+    _, _, native_node, native_ops = _traced(fn, fp16, nullcontext())
+    assert {op for op, dtype in native_ops if dtype == torch.float16} - {"_to_copy", "detach"}  # the check can fail
+    assert {op for op, dtype in ops if dtype == torch.float16} <= {"_to_copy", "detach"}
+    assert node is not native_node and out.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+    assert torch.equal(out, fn(*(t.detach().float() for t in fp16)).half())
+
+    # FP32 operands: the very ops, autograd node and bits of PyTorch's own call, as if there were no context
+    out, grads, node, ops = _traced(fn, fp32, emulated_half_compute())
+    want, want_grads, want_node, want_ops = _traced(fn, fp32, nullcontext())
+    assert ops == want_ops and node is want_node and torch.equal(out, want)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
 
 
 def test_saved_tensors_are_half_the_bytes_of_fp32():

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mixprec.master import MasterWeights, lost_updates
-from tests.test_ablations import _train, tiny_model  # noqa: F401 (tiny_model: autouse fixture)
+from tests.conftest import train_tiny
 
 
 def _sgd_step(w, grad, **kw):
@@ -62,13 +62,13 @@ def test_master_weights_measure_only_without_masters_and_on_measured_steps():
             assert master.pop_stats() is None  # popped once
 
 
-def test_no_master_weights_runs_measure_lost_updates_in_steps_csv_rows(tiny_cifar):
-    rows = _train(tiny_cifar, mode="manual", master_weights=False, lr=0.1, weight_decay=5e-4,
-                  telemetry_every=2).steps
+def test_no_master_weights_runs_measure_lost_updates_in_steps_csv_rows(tiny_cifar, tiny_models):
+    rows = train_tiny(tiny_cifar, mode="manual", master_weights=False, lr=0.1, weight_decay=5e-4,
+                      telemetry_every=2).steps
     measured = [r for r in rows if r["decay_lost_frac"] == r["decay_lost_frac"]]  # not NaN
     assert [r["step"] for r in measured] == [s for s in range(1, len(rows) + 1) if (s - 1) % 2 == 0]
     # lr * wd = 5e-5 < 2^-12: every weight's decay rounds away, as predicted
     assert all(r["decay_lost_frac"] == 1.0 for r in measured)
     assert all(0 <= r["update_lost_frac"] <= 1 for r in measured)
-    with_masters = _train(tiny_cifar, mode="manual", lr=0.1, weight_decay=5e-4).steps
+    with_masters = train_tiny(tiny_cifar, mode="manual", lr=0.1, weight_decay=5e-4).steps
     assert all(r["update_lost_frac"] != r["update_lost_frac"] for r in with_masters)  # NaN: nothing lost

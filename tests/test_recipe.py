@@ -10,7 +10,9 @@ from mixprec.cli import UsageError
 from mixprec.config import RunConfig
 from mixprec.steps import setup_precision
 from mixprec.train import LR_WARMUP_START, make_scheduler
-from tests.test_ablations import CPU, TinyNet, _cfg, _train, tiny_model  # noqa: F401 (tiny_model: autouse fixture)
+from tests.conftest import CPU, TinyNet, tiny_cfg, train_tiny
+
+pytestmark = pytest.mark.usefixtures("tiny_models")
 
 MODES = [("baseline", {}), ("amp", {}), ("manual", {})]
 
@@ -71,7 +73,7 @@ def test_warmup_schedule_round_trips_its_state_dict():
 
 
 def test_training_steps_record_the_warmup_schedule(tiny_cifar):
-    result = _train(tiny_cifar, mode="manual", schedule="cosine", warmup_epochs=1, epochs=2, lr=0.2)
+    result = train_tiny(tiny_cifar, mode="manual", schedule="cosine", warmup_epochs=1, epochs=2, lr=0.2)
     n = len(result.steps)
     per_epoch = n // 2
     lrs = [r["lr"] for r in result.steps]
@@ -86,7 +88,7 @@ def test_label_smoothing_is_the_training_loss(mode, extra):
     model = TinyNet()
     with torch.no_grad():
         model.fc.weight.mul_(30)  # confident logits, far from uniform, where smoothing matters
-    p = setup_precision(_cfg(mode=mode, label_smoothing=0.3, **extra), model, CPU)
+    p = setup_precision(tiny_cfg(mode=mode, label_smoothing=0.3, **extra), model, CPU)
     out = p.step(x, y)
     logits = out.logits.float()
     assert out.loss.item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.3).item(), rel=1e-4)
@@ -96,7 +98,7 @@ def test_label_smoothing_is_the_training_loss(mode, extra):
 @pytest.mark.parametrize("mode,extra", MODES)
 def test_nesterov_reaches_the_optimizer(mode, extra):
     for nesterov in (False, True):
-        p = setup_precision(_cfg(mode=mode, nesterov=nesterov, **extra), TinyNet(), CPU)
+        p = setup_precision(tiny_cfg(mode=mode, nesterov=nesterov, **extra), TinyNet(), CPU)
         assert all(g["nesterov"] is nesterov for g in p.optimizer.param_groups)
 
 
@@ -111,7 +113,7 @@ def test_nesterov_reaches_the_optimizer(mode, extra):
 ])
 def test_bad_recipe_values_are_refused(kw, message):
     with pytest.raises(UsageError, match=message) as e:
-        _cfg(epochs=3, **kw)
+        tiny_cfg(epochs=3, **kw)
     assert "\n" not in str(e.value)
 
 
@@ -122,7 +124,7 @@ def test_test_time_flip_averages_the_logits_of_the_mirror_images(mode, extra):
 
     torch.manual_seed(0)
     model = TinyNet()
-    p = setup_precision(_cfg(mode=mode, **extra), model, CPU)
+    p = setup_precision(tiny_cfg(mode=mode, **extra), model, CPU)
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, 10, (20,))
     loader = CifarLoader(images, labels, batch_size=8, train=False, device=CPU)
@@ -164,5 +166,5 @@ def test_crop_padding_is_an_option_checked_and_used_by_the_training_loader(monke
         return loader
 
     monkeypatch.setattr(train_module, "CifarLoader", spy)
-    _train(tiny_cifar, mode="baseline", crop_padding=2)
+    train_tiny(tiny_cifar, mode="baseline", crop_padding=2)
     assert (True, 2) in pads and (True, 4) not in pads

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -27,6 +28,8 @@ from mixprec.report import (
     time_to_accuracy_figure,
 )
 from mixprec.results import write_csv, write_json
+from mixprec.run import summary
+from mixprec.train import RunResult
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MIB = 2**20
@@ -37,7 +40,9 @@ def make_run(root: Path, name: str, *, mode="baseline", seed=0, acc=0.80, val_ac
              torch_version="2.5.1", status="completed", amp_dtype=None, loss_scales=None, skipped=(), cpu_capability="AVX2",
              **options):
     """A run directory as mixprec.run writes it, with known numbers: 100 test images, 10 per class, of
-    which ``acc * 100`` are right (the first classes get the extra ones; the wrong ones go to the next class)."""
+    which ``acc * 100`` are right (the first classes get the extra ones; the wrong ones go to the next class).
+    Its summary.json is mixprec.run's own :class:`~mixprec.results.RunSummary` of a made-up result, so that it
+    cannot drift from what a run records."""
     run = root / "runs" / name
     run.mkdir(parents=True)
     cfg = RunConfig(mode=mode, seed=seed, device="cpu", **{"model": "resnet20", "epochs": 2, **options})
@@ -45,34 +50,38 @@ def make_run(root: Path, name: str, *, mode="baseline", seed=0, acc=0.80, val_ac
     write_json(run / "env.json", {"torch": torch_version, "cuda": None, "device_type": "cpu", "device_name": "Test CPU",
                                   "cpu": "Test CPU", "cpu_capability": cpu_capability, "git_commit": "0123456789abcdef",
                                   "git_dirty": False})
+    splits = SimpleNamespace(train=(None, range(1000)), val=(None, range(100)), test=(None, range(100)))
+    result = RunResult(status=status, error=None if status == "completed" else f"{status} at epoch 1, step 3",
+                       device="cpu", amp_dtype=amp_dtype, half_compute="emulated" if mode == "manual" else None,
+                       params=1000)
     if status != "completed":
-        write_json(run / "summary.json", {"status": status, "error": f"{status} at epoch 1, step 3"})
+        write_json(run / "summary.json", summary(cfg, result, splits).to_json())
         return run
     right = round(acc * 100)
     cm = [[0] * 10 for _ in range(10)]
     for i in range(10):
         cm[i][i] = right // 10 + (i < right % 10)
         cm[i][(i + 1) % 10] = 10 - cm[i][i]
-    val_acc = acc if val_acc is None else val_acc
     scales = loss_scales or [None] * 4
-    write_csv(run / "epochs.csv", pd.DataFrame({
-        "epoch": [1, 2], "train_loss": [2.0, 1.5], "train_acc": [0.3, 0.5], "val_loss": [1.8, 1.6],
-        "val_acc": [0.4, val_acc], "lr": [cfg.lr] * 2, "epoch_time_s": [time_s / 2] * 2,
-        "loss_scale": [scales[1], scales[3]], "skipped_steps": [0, len(skipped)]}))
-    write_csv(run / "steps.csv", pd.DataFrame({
-        "step": [1, 2, 3, 4], "epoch": [1, 1, 2, 2], "loss": [2.1, 1.9, 1.6, 1.4], "lr": [cfg.lr] * 4,
-        "loss_scale": scales, "skipped": [s in skipped for s in (1, 2, 3, 4)], "grad_max_abs": [0.1] * 4,
-        "grad_zero_frac": [0.0] * 4, "grad_underflow_frac": [0.0] * 4}))
-    write_json(run / "summary.json", {
-        "status": "completed", "error": None, "mode": mode, "model": cfg.model, "seed": seed, "device": "cpu",
-        "amp_dtype": amp_dtype, "half_compute": "emulated" if mode == "manual" else None,
-        "train_time_s": time_s, "images_per_s": 1000.0 / time_s, "peak_memory_bytes": int(peak_mib * MIB),
-        "memory": {"weights": MIB, "master_weights": 2 * MIB if mode == "manual" else 0, "grads": MIB,
-                   "optimizer_state": MIB, "activations": 8 * MIB},
-        "skipped_steps": None if mode == "baseline" else len(skipped),
-        "final_loss_scale": scales[-1], "test_accuracy": acc,
-        "per_class_accuracy": {c: cm[i][i] / 10 for i, c in enumerate(CLASSES)}, "confusion_matrix": cm,
-        "final_val_accuracy": val_acc})
+    result.epochs = [
+        {"epoch": 1, "train_loss": 2.0, "train_acc": 0.3, "val_loss": 1.8, "val_acc": 0.4, "lr": cfg.lr,
+         "epoch_time_s": time_s / 2, "loss_scale": scales[1], "skipped_steps": 0},
+        {"epoch": 2, "train_loss": 1.5, "train_acc": 0.5, "val_loss": 1.6,
+         "val_acc": acc if val_acc is None else val_acc, "lr": cfg.lr, "epoch_time_s": time_s / 2,
+         "loss_scale": scales[3], "skipped_steps": len(skipped)}]
+    result.steps = [{"step": s, "epoch": (s + 1) // 2, "loss": loss, "lr": cfg.lr, "loss_scale": scale,
+                     "skipped": s in skipped, "grad_max_abs": 0.1, "grad_zero_frac": 0.0, "grad_underflow_frac": 0.0}
+                    for s, loss, scale in zip((1, 2, 3, 4), (2.1, 1.9, 1.6, 1.4), scales)]
+    result.train_time_s, result.train_images = time_s, 1000  # 1000 / time_s images per second: no warm-up steps
+    result.skipped_steps, result.final_loss_scale = len(skipped), scales[-1]
+    result.peak_memory_bytes = int(peak_mib * MIB)
+    result.memory = {"weights": MIB, "master_weights": 2 * MIB if mode == "manual" else 0, "grads": MIB,
+                     "optimizer_state": MIB, "activations": 8 * MIB}
+    result.test = {"accuracy": acc, "loss": 1.0, "confusion_matrix": cm,
+                   "per_class_accuracy": {c: cm[i][i] / 10 for i, c in enumerate(CLASSES)}}
+    write_csv(run / "epochs.csv", pd.DataFrame(result.epochs))  # as mixprec.run writes them
+    write_csv(run / "steps.csv", pd.DataFrame(result.steps))
+    write_json(run / "summary.json", summary(cfg, result, splits).to_json())
     return run
 
 
@@ -357,6 +366,21 @@ def test_loss_scale_figure_overlays_the_scalers_per_seed_marks_skips_and_is_abse
     assert loss_scale_figure(group_runs(load_results(unscaled)[0])) is None  # bfloat16 amp has no scaler
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [  # one legend, below the panels
         "amp (float16) (torch.amp.GradScaler)", "skipped step", "manual (DynamicLossScaler)"]
+
+
+def test_skipped_is_read_once_as_booleans_and_the_table_and_the_figure_agree(tmp_path):
+    from mixprec.report.tables import telemetry_table
+
+    run = make_run(tmp_path, "manual", mode="manual", loss_scales=[4.0, 2.0, 2.0, 2.0])
+    steps = pd.read_csv(run / "steps.csv")
+    steps["skipped"] = ["0", "1", "", "False"]  # a hand-written file, with an empty cell
+    write_csv(run / "steps.csv", steps)
+    (loaded,), _ = load_results(tmp_path)
+    assert loaded.steps["skipped"].dtype == bool and loaded.steps["skipped"].tolist() == [False, True, False, False]
+    groups = group_runs([loaded])
+    assert telemetry_table(groups)["skipped_steps"].tolist() == ["seed 0: 1 (steps 2)"]
+    (ax,) = [ax for ax in loss_scale_figure(groups).axes if ax.lines]
+    assert [line.get_xdata().tolist() for line in ax.lines if line.get_marker() == "x"] == [[2]]
 
 
 def test_loss_scale_figure_names_a_static_or_no_loss_scale_as_such(tmp_path):

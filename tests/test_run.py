@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -203,11 +204,48 @@ def test_bad_input_is_one_line_and_nonzero_without_traceback(case, tiny_cifar, t
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_help_documents_every_option():
+def help_entries(text: str) -> dict[str, str]:
+    """{option: its own help} from argparse's ``--help``: an option's entry starts at two spaces' indent with its
+    option strings ("-h, --help", "--lr LR"), and its help follows after two spaces or more, or on the
+    deeper-indented lines below. Anything else (usage, group titles) ends an entry."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            invocation, _, first = line.strip().partition("  ")
+            current = [first.strip()]
+            for option in invocation.split(", "):
+                entries[option.split(" ")[0]] = current
+        elif current is not None and line.startswith("   "):
+            current.append(line.strip())
+        else:
+            current = None
+    return {option: " ".join(filter(None, parts)) for option, parts in entries.items()}
+
+
+def test_help_entries_reads_each_option_whole():
+    text = ("usage: x [-h] [--inject-overflow STEP] [--inject-overflow-rank RANK]\n\noptions:\n"
+            "  -h, --help            show this help message and exit\n"
+            "  --inject-overflow-rank RANK\n"
+            "                        only on this rank, unlike --inject-overflow\n"
+            "                        (default: None)\n"
+            "  --momentum MOMENTUM   SGD momentum (default: 0.9)\n\n"
+            "group:\n  --nesterov            needs --momentum > 0 (default: False)\n")
+    assert help_entries(text) == {
+        "-h": "show this help message and exit", "--help": "show this help message and exit",
+        "--inject-overflow-rank": "only on this rank, unlike --inject-overflow (default: None)",
+        "--momentum": "SGD momentum (default: 0.9)", "--nesterov": "needs --momentum > 0 (default: False)"}
+
+
+def test_help_documents_every_option_and_no_other():
     proc = subprocess.run([sys.executable, "-m", "mixprec.run", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for field in RunConfig.__dataclass_fields__:
-        assert option_name(field) in proc.stdout
+    entries = help_entries(proc.stdout)
+    options = {option_name(f.name) for f in fields(RunConfig)}
+    # each field is an option of its own (not a word in another option's help, nor the start of a longer option)
+    for option in options:
+        assert option in entries, option
+        assert re.sub(r"\(default: [^)]*\)$", "", entries[option]).strip(), f"{option} has no help of its own"
+    assert set(entries) - options == {"-h", "--help", "--resume"}  # and nothing but the fields, --help and --resume
 
 
 def _bad_path(case, tiny_cifar, tmp_path):
@@ -246,16 +284,17 @@ def test_bad_paths_are_one_line_and_nonzero_without_traceback(case, tiny_cifar, 
     assert len(lines) == 1 and expect in lines[0], proc.stderr
 
 
-def test_native_float16_autocast_on_cpu_warns_and_runs(tiny_cifar, tmp_path, capsys, monkeypatch):
-    from mixprec import models
-    from tests.test_ablations import TinyNet
-
-    monkeypatch.setitem(models.MODELS, "tiny", TinyNet)
+def test_native_float16_autocast_on_cpu_warns_and_runs(tiny_cifar, tiny_models, tmp_path, capsys):
     code = main(["--mode", "amp", "--half-compute", "native", "--model", "tiny", "--epochs", "1", "--batch-size",
-                 "32", "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
+                 "16", "--subset", "32", "--test-subset", "10", "--data", str(tiny_cifar["pickles"]), "--device",
+                 "cpu", "--out", str(tmp_path)])
     assert code == 0
-    assert "warning: --half-compute native on a CPU runs PyTorch's naive FP16 kernels" in capsys.readouterr().err
-    summary = json.loads((_only_run(tmp_path) / "summary.json").read_text())
+    err = capsys.readouterr().err
+    assert "warning: --half-compute native on a CPU runs PyTorch's naive FP16 kernels" in err  # slow, and says so
+    assert "torch.autocast(float16), GradScaler from 65536" in err  # float16 with its scaler, as with emulated
+    run = _only_run(tmp_path)
+    assert "warning: --half-compute native" in (run / "train.log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
     assert (summary["amp_dtype"], summary["half_compute"]) == ("float16", "native")
 
 
@@ -271,16 +310,16 @@ def test_concurrent_runs_share_a_results_directory_safely(tiny_cifar, tmp_path):
         assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
-def test_a_run_failed_in_epoch_two_keeps_epoch_one(tiny_cifar, tmp_path):
+def test_a_run_failed_in_epoch_two_keeps_epoch_one(tiny_cifar, tiny_models, tmp_path):
     # 2**16 halves to 1 after 16 overflows; the 17th, in epoch 2 (11 steps an epoch), would go below min_scale=1
-    code = main(["--mode", "manual", "--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+    code = main(["--mode", "manual", "--model", "tiny", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
                  "--inject-overflow", ",".join(map(str, range(1, 20))), "--data", str(tiny_cifar["pickles"]),
                  "--out", str(tmp_path)])
     assert code == 1
     run = _only_run(tmp_path)
     s = json.loads((run / "summary.json").read_text())
-    assert s["status"] == "failed" and "min_scale=1" in s["error"]
-    assert len(pd.read_csv(run / "epochs.csv")) == 1
+    assert s["status"] == "failed" and "min_scale=1" in s["error"] and s["test_accuracy"] is None
+    assert len(pd.read_csv(run / "epochs.csv")) == 1 and len(pd.read_csv(run / "steps.csv")) == 11
 
 
 def test_compile_traces_the_model_in_every_mode_and_is_recorded(tiny_cifar, tmp_path, monkeypatch):

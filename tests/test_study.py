@@ -91,15 +91,34 @@ def test_study_skips_completed_resumes_interrupted_and_records_failures(tiny_cif
     assert all("--subset 100000" in c["error"] for c in study["combinations"])
 
 
-def test_a_stop_signal_reaches_the_run_in_progress_once(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
-                              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
-                              "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "ready"
-    stop = Stop()
-    stop.child = child
-    stop(signal.SIGTERM, None)
-    assert child.wait(timeout=30) == 143 and stop.signum == signal.SIGTERM
-    stop(signal.SIGINT, None)  # a second signal is not passed on again (the child has ended anyway)
-    assert stop.signum == signal.SIGINT
+CHILD = """
+import signal, sys
+def note(signum, frame):
+    print("got", signum, flush=True)
+signal.signal(signal.SIGTERM, note)
+signal.signal(signal.SIGINT, note)
+print("ready", flush=True)
+sys.stdin.read()  # runs on, whatever signals come, until the test closes its stdin
+"""
 
+
+def test_a_stop_signal_reaches_the_run_in_progress_once():
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sent = []
+    pass_on = child.send_signal
+    child.send_signal = lambda signum: (sent.append(signum), pass_on(signum))  # what Stop passes on, in order
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        stop = Stop()
+        stop.child = child
+        stop(signal.SIGTERM, None)
+        assert child.stdout.readline().split() == ["got", str(int(signal.SIGTERM))]  # the run got it
+        assert child.poll() is None  # the run checkpoints and goes on to its exit; here it just goes on
+        stop(signal.SIGINT, None)  # a second Ctrl-C while the run is still running...
+        assert child.poll() is None and sent == [signal.SIGTERM]  # ...is not passed on: the run stops once
+        assert stop.signum == signal.SIGINT  # the study itself knows it was asked to stop
+    finally:
+        child.stdin.close()
+        rest = child.stdout.read()
+        code = child.wait(timeout=30)
+    assert code == 0 and rest == ""  # the child ran to its end, and no other signal reached it

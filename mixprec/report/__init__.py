@@ -31,12 +31,12 @@ The package, in import order: each module imports only the ones above it.
 - ``groups``: grouping runs that differ only in seed, their labels, and each group's baseline;
 - ``tables``: statistics over seeds and the comparison, grid, per-class and inference tables;
 - ``figures``: one function per figure, and :func:`write_figures`;
-- ``__main__``: report.md, :func:`make_report` and the command line.
+- ``build``: report.md, :func:`make_report` and the command line's :func:`main`.
 
-``main`` and ``make_report`` are looked up on first use rather than imported here: importing ``__main__`` with
-the package would make ``python -m mixprec.report`` warn that it ran a module already imported.
+``__main__`` only calls ``build.main``.
 """
 
+from .build import main, make_report
 from .figures import fp8_figure, loss_scale_figure, lost_updates_figure, time_to_accuracy_figure
 from .groups import group_runs
 from .runs import load_results
@@ -45,11 +45,3 @@ from .tables import comparison_markdown, comparison_table, grid_markdown, grid_t
 __all__ = ["comparison_markdown", "comparison_table", "fp8_figure", "grid_markdown", "grid_table", "group_runs",
            "load_results", "loss_scale_figure", "lost_updates_figure", "main", "make_report",
            "time_to_accuracy_figure"]
-
-
-def __getattr__(name: str):
-    if name in ("main", "make_report"):
-        from . import __main__ as cli
-
-        return getattr(cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,8 +12,8 @@ import pandas as pd
 
 from ..results import write_figure
 from .groups import Group
-from .runs import UNTIMED, Run
-from .tables import MIB, _float, _on_cpu
+from .runs import UNTIMED, Run, as_float
+from .tables import MIB
 
 MEMORY_ROLES = ("weights", "master_weights", "grads", "optimizer_state", "activations")
 DPI = 150
@@ -154,10 +154,6 @@ def time_to_accuracy_figure(groups: list[Group]):
     return fig
 
 
-def _skipped(steps: pd.DataFrame) -> pd.Series:
-    return steps["skipped"].astype(str).str.lower().isin(("true", "1", "1.0"))
-
-
 def measured(group: Group, column: str) -> bool:
     """Whether any of the group's runs recorded a value in this ``steps.csv`` column."""
     return any(r.steps is not None and column in r.steps and r.steps[column].notna().any() for r in group.runs)
@@ -195,7 +191,7 @@ def loss_scale_figure(groups: list[Group]):
                     ls="--" if g.mode == "amp" else "-", zorder=3 if g.mode == "amp" else 2,  # dashed on top: seen
                     # where the two scalers agree
                     label=f"{g.short} ({_scaler_name(g)})")
-            skipped = steps[_skipped(steps)]
+            skipped = steps[steps["skipped"]]
             if len(skipped):
                 ax.plot(skipped["step"], skipped["loss_scale"], "x", color="red", ms=6, mew=1.5,
                         label=None if marked else "skipped step")
@@ -226,7 +222,7 @@ def _scaler_name(group: Group) -> str:
 def memory_means(group: Group) -> dict[str, float]:
     """Mean MiB per memory role over the runs that measured it (0 where none did)."""
     measured = [r.summary.get("memory") for r in group.runs if isinstance(r.summary.get("memory"), dict)]
-    return {role: float(np.mean([_float(m.get(role)) for m in measured])) / MIB if measured else 0.0
+    return {role: float(np.mean([as_float(m.get(role)) for m in measured])) / MIB if measured else 0.0
             for role in MEMORY_ROLES}
 
 
@@ -246,7 +242,7 @@ def memory_figure(groups: list[Group]):
     ax_roles.set_xlabel("MiB (mean over seeds, measured on the first training step)")
     ax_roles.set_title("memory by role")
     peaks = np.array([g.values("peak_memory_bytes").mean() / MIB for g in groups])
-    on_cpu = np.array([any(_on_cpu(r) for r in g.runs) for g in groups])
+    on_cpu = np.array([any(r.on_cpu for r in g.runs) for g in groups])
     for mask, label, color in ((on_cpu, "peak RSS (CPU process)", "0.55"), (~on_cpu, "peak (device)", "0.25")):
         if mask.any():
             ax_peak.barh(y[mask], peaks[mask], color=color, label=label)

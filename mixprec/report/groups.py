@@ -60,7 +60,9 @@ def machine_label(env: dict) -> str:
 NONE_SHOWN = {"subset": "all", "test_subset": "all"}  # what an option left at None means, where "None" would not say
 
 
-def _show(value) -> str:
+def show_value(value) -> str:
+    """A setting's value as labels and tables show it: a float in ``%g`` form (5e-4 as 0.0005, 1.0 as 1), a tuple
+    as its items joined by commas (``inject_overflow=3,5``), anything else as ``str`` does."""
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -71,7 +73,7 @@ def mode_label(mode: str, setting: dict) -> str:
     autocast dtype and any non-default ablation option."""
     extras = [setting["amp_dtype"]] if mode == "amp" and setting.get("amp_dtype") else []
     if mode != "baseline":
-        extras += [f"{k}={_show(setting[k])}" for k in LABELLED if k in setting and setting[k] != DEFAULTS.get(k)]
+        extras += [f"{k}={show_value(setting[k])}" for k in LABELLED if k in setting and setting[k] != DEFAULTS.get(k)]
     return f"{mode} ({', '.join(extras)})" if extras else mode
 
 
@@ -95,7 +97,7 @@ class Group:
     @property
     def short(self) -> str:
         """The title without the model: mode label, varying settings, environment."""
-        parts = [f"{k}={NONE_SHOWN.get(k, 'none') if v is None else _show(v)}" for k, v in self.columns.items()
+        parts = [f"{k}={NONE_SHOWN.get(k, 'none') if v is None else show_value(v)}" for k, v in self.columns.items()
                  if k != "environment" and applies(k, self.setting)]
         if "environment" in self.columns:
             parts.append(self.environment)
@@ -126,7 +128,7 @@ def applies(key: str, setting: dict) -> bool:
     return key not in options_with("fp8") or setting.get("manual_dtype") == "float8"
 
 
-def _rank(value):
+def sort_key(value):
     """A sort key for setting values of mixed types: numbers in numeric order, then the rest as text."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (0, float(value), "")
@@ -153,7 +155,7 @@ def varying_keys(groups: list[Group]) -> list[str]:
 def group_runs(runs: list[Run]) -> list[Group]:
     """Group runs that differ only in seed, sorted by model, then baseline, amp, manual."""
     by_key: dict = {}
-    for run in sorted(runs, key=lambda r: (_rank(r.seed), str(r.path))):
+    for run in sorted(runs, key=lambda r: (sort_key(r.seed), str(r.path))):
         s = settings(run)
         env = environment_label(run.env)
         key = (env, tuple(sorted(s.items())))
@@ -169,7 +171,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         if several_envs:
             g.columns["environment"] = g.environment
     return sorted(groups, key=lambda g: (g.model, MODES.index(g.mode) if g.mode in MODES else len(MODES), g.label,
-                                         tuple(_rank(g.setting.get(k)) for k in varying), g.environment))
+                                         tuple(sort_key(g.setting.get(k)) for k in varying), g.environment))
 
 
 def find_baseline(group: Group, groups: list[Group]) -> Group | None:

@@ -30,7 +30,8 @@ UNTIMED = "timings-excluded.json"
 
 @dataclass
 class Run:
-    """One completed run directory, read back."""
+    """One completed run directory, read back. ``steps`` is ``steps.csv`` when the run wrote one, its ``skipped``
+    column parsed to booleans (:func:`skipped_flags`) once, here, for every table and figure."""
 
     path: Path
     config: dict
@@ -43,6 +44,11 @@ class Run:
     @property
     def seed(self):
         return self.config.get("seed")
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the run trained on a CPU, where its peak memory is the process's resident memory."""
+        return str(self.summary.get("device") or self.env.get("device_type")).startswith("cpu")
 
 
 @dataclass
@@ -82,7 +88,9 @@ def _require(obj: dict, name: str) -> dict:
     return obj
 
 
-def _read_csv(path: Path, name: str, required: bool) -> pd.DataFrame | None:
+def read_csv(path: Path, name: str, required: bool) -> pd.DataFrame | None:
+    """``path/name`` as a frame with the columns :data:`REQUIRED` names for it, numbers where they must be; None when
+    the file is absent and not ``required``. Raises :class:`BadRun` saying what is wrong with it."""
     if not (path / name).exists() and not required:
         return None
     try:
@@ -118,6 +126,18 @@ def _check_summary(s: dict) -> None:
         raise BadRun(f"summary.json: confusion_matrix is not {len(classes)} x {len(classes)} counts")
 
 
+def skipped_flags(column: pd.Series) -> pd.Series:
+    """``steps.csv``'s ``skipped`` column as booleans. pandas reads a run's True/False as bool, but an empty cell
+    makes the column objects and a hand-written file may say 1/0: True, "true", 1 and 1.0 mean skipped, anything
+    else (False, 0, an empty cell) does not."""
+    return column.astype(str).str.lower().isin(("true", "1", "1.0"))
+
+
+def as_float(value) -> float:
+    """A summary value as a float, NaN where it is missing (None)."""
+    return math.nan if value is None else float(value)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -142,10 +162,12 @@ def load_run(path: Path) -> Run | Excluded:
         _check_summary(_require(summary, "summary.json"))
         config = _require(_read_json(path, "config.json"), "config.json")
         env = _require(_read_json(path, "env.json"), "env.json")
-        epochs = _read_csv(path, "epochs.csv", required=True)
-        steps = _read_csv(path, "steps.csv", required=False)
+        epochs = read_csv(path, "epochs.csv", required=True)
+        steps = read_csv(path, "steps.csv", required=False)
     except BadRun as e:
         return Excluded(path, "unreadable", str(e))
+    if steps is not None:
+        steps["skipped"] = skipped_flags(steps["skipped"])
     return Run(path, config, env, summary, epochs, steps)
 
 

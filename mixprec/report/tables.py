@@ -13,8 +13,8 @@ import pandas as pd
 
 from ..config import options_with
 from ..results import write_csv, write_text
-from .groups import Group, _rank, _show, find_baseline, machine_label
-from .runs import INFERENCE_CSV, UNTIMED, BadRun, Run, _read_csv
+from .groups import Group, find_baseline, machine_label, show_value, sort_key
+from .runs import INFERENCE_CSV, UNTIMED, BadRun, Run, as_float, read_csv
 
 GRID = options_with("grid")
 MIB = 2**20
@@ -69,7 +69,7 @@ def paired_ratios(group: Group, base: Group) -> dict:
     pairs = paired_runs(group, base)
     if not pairs:
         return {"speedup_vs_baseline": math.nan, "memory_ratio_vs_baseline": math.nan, "ratios_measured_on": ""}
-    total = lambda key, side: sum(_float(p[side].summary.get(key)) for p in pairs)  # noqa: E731
+    total = lambda key, side: sum(as_float(p[side].summary.get(key)) for p in pairs)  # noqa: E731
     machines = pd.Series([machine_label(run.env) for run, _ in pairs]).value_counts(sort=False)
     return {"speedup_vs_baseline": total("train_time_s", 1) / total("train_time_s", 0),
             "memory_ratio_vs_baseline": total("peak_memory_bytes", 0) / total("peak_memory_bytes", 1),
@@ -183,14 +183,10 @@ def comparison_notes(groups: list[Group]) -> list[str]:
         if base is None:
             notes.append(f"No baseline with the same model, environment and training settings for {g.title}: "
                          "it has no speedup, memory ratio or accuracy difference.")
-    if any(_on_cpu(r) for g in groups for r in g.runs):
+    if any(r.on_cpu for g in groups for r in g.runs):
         notes.append("On a CPU, peak memory is the process's peak resident memory (RSS, including the Python "
                      "interpreter and libraries): it is not comparable with CUDA's max_memory_allocated.")
     return notes
-
-
-def _on_cpu(run: Run) -> bool:
-    return str(run.summary.get("device") or run.env.get("device_type")).startswith("cpu")
 
 
 def _final_val_accuracy(run: Run) -> float:
@@ -227,7 +223,7 @@ def grid_markdown(table: pd.DataFrame) -> str:
                                       table["val_accuracy_mean"], table["best"]):
         key = tuple(None if isinstance(v, float) and math.isnan(v) else v for v in key)  # NaN != NaN as a key
         cells[key, model] = f"**{100 * mean:.2f}**" if best else f"{100 * mean:.2f}"
-    keys = sorted(dict.fromkeys(key for key, _ in cells), key=lambda k: (rank[k[0]], *(_rank(v) for v in k[1:])))
+    keys = sorted(dict.fromkeys(key for key, _ in cells), key=lambda k: (rank[k[0]], *(sort_key(v) for v in k[1:])))
     rows = [{**dict(zip(combo, key)), **{m: cells.get((key, m), "") for m in models}} for key in keys]
     return (markdown_table(pd.DataFrame(rows)) + "\n\n"
             "Cells: mean final validation accuracy (%) over seeds. Bold: the best lr, momentum and weight decay "
@@ -240,14 +236,10 @@ def per_class_table(groups: list[Group]) -> pd.DataFrame:
     classes = list(groups[0].runs[0].summary["per_class_accuracy"])
     data = {}
     for g in groups:
-        per_class = [float(np.nanmean([_float(r.summary["per_class_accuracy"].get(c)) for r in g.runs]))
+        per_class = [float(np.nanmean([as_float(r.summary["per_class_accuracy"].get(c)) for r in g.runs]))
                      for c in classes]
         data[g.title] = per_class + [g.values("test_accuracy").mean()]
     return pd.DataFrame(data, index=pd.Index(classes + ["all"], name="class")).reset_index()
-
-
-def _float(value) -> float:
-    return math.nan if value is None else float(value)
 
 
 def per_class_markdown(table: pd.DataFrame) -> str:
@@ -264,7 +256,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return ""
-        return (_show(value) if isinstance(value, (float, tuple)) else str(value)).replace("|", "\\|")
+        return (show_value(value) if isinstance(value, (float, tuple)) else str(value)).replace("|", "\\|")
 
     header = [cell(c) for c in frame.columns]
     rows = [[cell(v) for v in row] for row in frame.itertuples(index=False)]
@@ -279,7 +271,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def inference_table(root: Path) -> pd.DataFrame | None:
     """``root/bench_infer.csv`` (the inference benchmark's rows), or None if there is none. Raises
     :class:`BadRun` if it cannot be read."""
-    frame = _read_csv(root, INFERENCE_CSV, required=False)
+    frame = read_csv(root, INFERENCE_CSV, required=False)
     if frame is None:
         return None
     missing = [c for c in ("model", "mode", "dtype", "device_name", "memory_measure") if c not in frame.columns]
@@ -318,9 +310,9 @@ SHOWN_SKIPS = 5  # skipped steps listed per seed
 
 
 def _skips(run: Run) -> str:
-    if run.steps is None or "skipped" not in run.steps:
+    if run.steps is None:
         return ""
-    steps = run.steps.loc[run.steps["skipped"].astype(str) == "True", "step"].astype(int).tolist()
+    steps = run.steps.loc[run.steps["skipped"], "step"].astype(int).tolist()
     shown = ", ".join(map(str, steps[:SHOWN_SKIPS])) + (", ..." if len(steps) > SHOWN_SKIPS else "")
     return f"seed {run.seed}: {len(steps)}" + (f" (steps {shown})" if steps else "")
 
