@@ -51,9 +51,11 @@ def make_run(root: Path, name: str, *, mode="baseline", seed=0, acc=0.80, val_ac
                                   "cpu": "Test CPU", "cpu_capability": cpu_capability, "git_commit": "0123456789abcdef",
                                   "git_dirty": False})
     splits = SimpleNamespace(train=(None, range(1000)), val=(None, range(100)), test=(None, range(100)))
+    scaler = {"amp": "GradScaler" if amp_dtype == "float16" else None,  # as steps.setup_precision says
+              "manual": cfg.loss_scale if cfg.loss_scale in ("dynamic", "none") else "static"}.get(mode)
     result = RunResult(status=status, error=None if status == "completed" else f"{status} at epoch 1, step 3",
                        device="cpu", amp_dtype=amp_dtype, half_compute="emulated" if mode == "manual" else None,
-                       params=1000)
+                       params=1000, loss_scaler=scaler)
     if status != "completed":
         write_json(run / "summary.json", summary(cfg, result, splits).to_json())
         return run
@@ -265,15 +267,41 @@ def test_a_group_title_says_what_an_option_left_unset_means(tmp_path):
 def test_an_fp8_option_is_shown_only_for_fp8_runs(tmp_path):
     make_run(tmp_path, "fp32")
     make_run(tmp_path, "fp16", mode="manual")
-    make_run(tmp_path, "fp8-delayed", mode="manual", manual_dtype="float8")
-    make_run(tmp_path, "fp8-current", mode="manual", manual_dtype="float8", fp8_scaling="current")
+    make_run(tmp_path, "fp8-delayed", mode="manual", fp8="delayed")
+    make_run(tmp_path, "fp8-delayed-32", mode="manual", fp8="delayed", fp8_amax_history=32)
+    make_run(tmp_path, "fp8-current", mode="manual", fp8="current")
     groups = group_runs(load_results(tmp_path)[0])
     rows = md_rows(comparison_markdown(comparison_table(groups), groups))
-    assert [(r["mode"], r["fp8_scaling"]) for r in rows] == [
-        ("baseline", ""), ("manual", ""), ("manual (manual_dtype=float8)", "current"),
-        ("manual (manual_dtype=float8)", "delayed")]
-    assert [g.short for g in groups] == ["baseline", "manual", "manual (manual_dtype=float8), fp8_scaling=current",
-                                         "manual (manual_dtype=float8), fp8_scaling=delayed"]
+    assert [(r["mode"], r["fp8_amax_history"]) for r in rows] == [
+        ("baseline", ""), ("manual", ""), ("manual (fp8=current)", "16"), ("manual (fp8=delayed)", "16"),
+        ("manual (fp8=delayed)", "32")]
+
+
+def test_a_run_from_before_the_fp8_option_is_grouped_as_its_recipe(tmp_path):
+    """Runs made before --fp8 wrote manual_dtype float8 and fp8_scaling; the report reads them as --fp8 runs."""
+    make_run(tmp_path, "new", mode="manual", fp8="current", seed=0)
+    old = make_run(tmp_path, "old", mode="manual", seed=1)
+    config = json.loads((old / "config.json").read_text())
+    del config["fp8"]
+    write_json(old / "config.json", {**config, "manual_dtype": "float8", "fp8_scaling": "current"})
+    groups = group_runs(load_results(tmp_path)[0])
+    assert [(g.short, g.n) for g in groups] == [("manual (fp8=current)", 2)]
+
+
+def test_the_loss_scaler_is_read_from_the_summary_or_implied_for_older_runs(tmp_path):
+    recorded = make_run(tmp_path, "recorded", mode="manual", loss_scale="none")
+    for name, options in (("amp", dict(mode="amp", amp_dtype="float16")),
+                          ("bf16", dict(mode="amp", amp_dtype="bfloat16")),
+                          ("static", dict(mode="manual", loss_scale="1024"))):
+        older = make_run(tmp_path, name, **options)
+        summary = json.loads((older / "summary.json").read_text())
+        del summary["loss_scaler"]  # written before summary.json recorded it
+        write_json(older / "summary.json", summary)
+    summary = json.loads((recorded / "summary.json").read_text())
+    write_json(recorded / "summary.json", {**summary, "loss_scaler": "none"})
+    runs = {r.path.name: r for r in load_results(tmp_path)[0]}
+    assert {name: r.summary["loss_scaler"] for name, r in runs.items()} == {
+        "recorded": "none", "amp": "GradScaler", "bf16": None, "static": "static"}
 
 
 def test_broken_and_unfinished_runs_are_named_and_not_counted(tmp_path, capsys):
@@ -395,7 +423,7 @@ def test_loss_scale_figure_names_a_static_or_no_loss_scale_as_such(tmp_path):
 
 def test_fp8_figure_draws_each_telemetry_column_on_axes_that_start_at_zero_or_a_power_of_two(tmp_path):
     make_run(tmp_path, "fp16", mode="manual")
-    run = make_run(tmp_path, "fp8", mode="manual", manual_dtype="float8")
+    run = make_run(tmp_path, "fp8", mode="manual", fp8="delayed")
     steps = pd.read_csv(run / "steps.csv")
     for role in ("weight", "activation", "grad"):
         steps[f"fp8_{role}_saturated_frac"] = [0.0] * 4  # never saturated: the axis must not go below zero

@@ -188,7 +188,8 @@ def loss_scale_figure(groups: list[Group]):
         for i, g, run in lines:
             steps = run.steps.dropna(subset=["loss_scale"])
             ax.plot(steps["step"], steps["loss_scale"], color=f"C{i % 10}", lw=1.2, drawstyle="steps-post",
-                    ls="--" if g.mode == "amp" else "-", zorder=3 if g.mode == "amp" else 2,  # dashed on top: seen
+                    ls="--" if g.loss_scaler == "GradScaler" else "-",
+                    zorder=3 if g.loss_scaler == "GradScaler" else 2,  # dashed on top: seen
                     # where the two scalers agree
                     label=f"{g.short} ({_scaler_name(g)})")
             skipped = steps[steps["skipped"]]
@@ -211,12 +212,13 @@ def loss_scale_figure(groups: list[Group]):
     return fig
 
 
+SCALER_NAMES = {"GradScaler": "torch.amp.GradScaler", "dynamic": "DynamicLossScaler", "static": "static loss scale",
+                "none": "no loss scaling"}  # summary.json's loss_scaler, as a legend says it
+
+
 def _scaler_name(group: Group) -> str:
-    """What set the group's loss scale: GradScaler (amp), or manual mode's scaler, dynamic, static or none."""
-    if group.mode == "amp":
-        return "torch.amp.GradScaler"
-    loss_scale = group.setting.get("loss_scale", "dynamic")
-    return {"dynamic": "DynamicLossScaler", "none": "no loss scaling"}.get(loss_scale, "static loss scale")
+    """What set the group's loss scale, as its runs' summaries record it."""
+    return SCALER_NAMES.get(group.loss_scaler, str(group.loss_scaler))
 
 
 def memory_means(group: Group) -> dict[str, float]:
@@ -262,7 +264,7 @@ def fp8_figure(groups: list[Group]):
     None when no group trained in FP8."""
     from ..fp8 import ROLES, STATS
 
-    fp8 = [g for g in groups if measured(g, "fp8_grad_scale")]  # --manual-dtype float8
+    fp8 = [g for g in groups if measured(g, "fp8_grad_scale")]  # --fp8
     if not fp8:
         return None
     fig = _figure(13.0, 8.0)
@@ -341,7 +343,7 @@ CAPTIONS = {
                       "(amp) and ours (manual) overlaid; red crosses mark the steps skipped on overflow.",
     "memory.png": "Mean memory by role, measured on the first training step (left), and the mean peak memory "
                   "(right; on a CPU the process's peak resident memory).",
-    "fp8.png": "FP8 telemetry (--manual-dtype float8) at the measured steps (every --telemetry-every): the fraction "
+    "fp8.png": "FP8 telemetry (--fp8) at the measured steps (every --telemetry-every): the fraction "
                "of elements saturated (where a plain cast would have overflowed), the fraction flushed to zero "
                "(nonzero in, zero out), over all FP8 layers, and the geometric mean of their scales, for weights "
                "and activations (E4M3) and output gradients (E5M2, which include the loss scale).",

@@ -91,6 +91,11 @@ class Group:
     columns: dict = field(default_factory=dict)
 
     @property
+    def loss_scaler(self) -> str | None:
+        """Which loss scaler the group's runs trained with (see :func:`mixprec.report.runs.loss_scaler`)."""
+        return self.runs[0].summary.get("loss_scaler")
+
+    @property
     def n(self) -> int:
         return len(self.runs)
 
@@ -125,7 +130,7 @@ class Group:
 
 def applies(key: str, setting: dict) -> bool:
     """Whether an option means anything in a setting: the FP8 options only in an FP8 run."""
-    return key not in options_with("fp8") or setting.get("manual_dtype") == "float8"
+    return key not in options_with("fp8") or setting.get("fp8", "off") != "off"
 
 
 def sort_key(value):

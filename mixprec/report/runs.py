@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..config import upgrade
 from ..cli import UsageError
 from ..results import SUMMARY_REQUIRED, read_json
 
@@ -160,7 +161,7 @@ def load_run(path: Path) -> Run | Excluded:
         if summary.get("test_accuracy") is None:
             raise BadRun("summary.json says completed but has no test_accuracy")
         _check_summary(_require(summary, "summary.json"))
-        config = _require(_read_json(path, "config.json"), "config.json")
+        config = upgrade(_require(_read_json(path, "config.json"), "config.json"))
         env = _require(_read_json(path, "env.json"), "env.json")
         epochs = read_csv(path, "epochs.csv", required=True)
         steps = read_csv(path, "steps.csv", required=False)
@@ -168,7 +169,20 @@ def load_run(path: Path) -> Run | Excluded:
         return Excluded(path, "unreadable", str(e))
     if steps is not None:
         steps["skipped"] = skipped_flags(steps["skipped"])
-    return Run(path, config, env, summary, epochs, steps)
+    return Run(path, config, env, {**summary, "loss_scaler": loss_scaler(config, summary)}, epochs, steps)
+
+
+def loss_scaler(config: dict, summary: dict) -> str | None:
+    """Which loss scaler a run trained with (GradScaler, or manual mode's dynamic, static or none; None without
+    one): summary.json's ``loss_scaler``, or for a run made before it was recorded, what its options imply."""
+    if "loss_scaler" in summary:
+        return summary["loss_scaler"]
+    if config.get("mode") == "amp":
+        return "GradScaler" if summary.get("amp_dtype") == "float16" else None
+    if config.get("mode") == "manual":
+        scale = config.get("loss_scale", "dynamic")
+        return scale if scale in ("dynamic", "none") else "static"
+    return None
 
 
 def find_run_dirs(root: Path, skip: Path | None = None) -> list[Path]:
