@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -144,12 +145,97 @@ def test_comparison_has_exact_means_stds_ratios_welch_p_and_its_interval(tmp_pat
     assert (rows[1]["speedup vs baseline"], rows[1]["memory vs baseline"]) == ("1.83", "0.52")
     assert rows[1]["ratios measured on"] == "Test CPU (AVX2) (seeds: 2)"
     assert (rows[1]["accuracy vs baseline (pp)"], rows[1]["Welch p"]) == ("+4.00", "0.0824")
-    assert rows[1]["95% CI (pp)"] == f"[{4.0 - half_width:+.2f}, {4.0 + half_width:+.2f}]" and rows[0]["95% CI (pp)"] == ""
+    assert rows[1]["Welch 95% CI (pp)"] == f"[{4.0 - half_width:+.2f}, {4.0 + half_width:+.2f}]"
+    assert rows[0]["Welch 95% CI (pp)"] == ""
     assert rows[0]["peak memory (MiB)"] == "110.0 ± 10.0" and rows[1]["skipped steps"] == "0"
     assert "n = 1" not in md and "peak resident memory" in md
     assert "environment" not in rows[0] and "lr" not in rows[0]  # one environment, no grid
     assert md.split("\n\n")[0] in stdout
     assert not (out / "grid.md").exists()
+
+
+def test_comparison_pairs_seeds_both_modes_ran_with_the_paired_t_interval_and_p_value(tmp_path, capsys):
+    for seed, acc in enumerate((0.80, 0.82, 0.84, 0.90)):  # seed 3 has no manual run: it is not paired
+        make_run(tmp_path, f"base{seed}", seed=seed, acc=acc)
+    for seed, acc in enumerate((0.81, 0.85, 0.86)):  # 1, 3 and 2 pp above the baseline's run of the same seed
+        make_run(tmp_path, f"manual{seed}", mode="manual", seed=seed, acc=acc)
+    out, _, _ = report(tmp_path, capsys)
+
+    base, manual = pd.read_csv(out / "comparison.csv").set_index("mode").loc[["baseline", "manual"]].to_dict("records")
+    assert (manual["paired_seeds"], manual["paired_n"]) == ("0,1,2", 3)
+    # by hand: differences 1, 3, 2 pp have mean 2 and sd 1, so t = 2 / (1 / sqrt 3) with 2 degrees of freedom
+    assert manual["paired_diff_pp"] == pytest.approx(2.0, abs=1e-9)
+    p = 2 * stats.t.sf(2 * math.sqrt(3), 2)
+    assert manual["paired_p"] == pytest.approx(p, rel=1e-6) and p == pytest.approx(0.0741799, rel=1e-5)
+    half_width = stats.t.ppf(0.975, 2) / math.sqrt(3)
+    assert (manual["paired_diff_ci95_low_pp"], manual["paired_diff_ci95_high_pp"]) == pytest.approx(
+        (2.0 - half_width, 2.0 + half_width), rel=1e-6)
+    test = stats.ttest_rel([0.81, 0.85, 0.86], [0.80, 0.82, 0.84])  # and what scipy says
+    assert manual["paired_p"] == pytest.approx(test.pvalue, rel=1e-9)
+    assert manual["paired_diff_ci95_low_pp"] == pytest.approx(100 * test.confidence_interval(0.95).low, rel=1e-9)
+    # Welch's columns stay, over all seeds: 84 - 84 = 0 pp, unpaired
+    assert manual["accuracy_diff_pp"] == pytest.approx(0.0, abs=1e-9)
+    assert manual["welch_p"] == pytest.approx(stats.ttest_ind([0.81, 0.85, 0.86], [0.80, 0.82, 0.84, 0.90],
+                                                              equal_var=False).pvalue, rel=1e-9)
+    assert math.isnan(base["paired_diff_pp"]) and math.isnan(base["paired_n"]) and math.isnan(base["paired_p"])
+
+    md = (out / "comparison.md").read_text()
+    rows = md_rows(md)
+    assert (rows[1]["paired n"], rows[1]["paired diff (pp)"], rows[1]["paired p"]) == ("3", "+2.00", "0.0742")
+    assert rows[1]["paired 95% CI (pp)"] == f"[{2.0 - half_width:+.2f}, {2.0 + half_width:+.2f}]" == "[-0.48, +4.48]"
+    assert rows[0]["paired n"] == rows[0]["paired 95% CI (pp)"] == ""
+    assert "from the paired t-test" in md and "Welch's unpaired t-test" in md
+    assert ("resnet20 / manual: paired difference over seeds 0, 1, 2 only, the seeds that both it and its baseline "
+            "ran (it has 3 run(s), its baseline 4).") in md
+    assert md.split("\n\n")[1] in (out / "report.md").read_text()  # the notes say which test each interval is from
+
+
+def test_fewer_than_two_shared_seeds_leave_the_paired_columns_blank_and_say_so(tmp_path, capsys):
+    for seed, acc in ((0, 0.80), (1, 0.82)):
+        make_run(tmp_path, f"base{seed}", seed=seed, acc=acc)
+    for seed, acc in ((1, 0.85), (2, 0.87)):  # seed 1 alone is shared
+        make_run(tmp_path, f"manual{seed}", mode="manual", seed=seed, acc=acc)
+    out, _, _ = report(tmp_path, capsys)
+
+    manual = pd.read_csv(out / "comparison.csv", dtype={"paired_seeds": str}).set_index("mode").loc["manual"]
+    assert (manual["paired_seeds"], manual["paired_n"]) == ("1", 1)
+    assert all(math.isnan(manual[c]) for c in ("paired_diff_pp", "paired_diff_ci95_low_pp",
+                                                "paired_diff_ci95_high_pp", "paired_p"))
+    assert not math.isnan(manual["welch_p"])  # Welch's test needs no pairs
+    md = (out / "comparison.md").read_text()
+    row = md_rows(md)[1]
+    assert row["paired n"] == "1" and row["paired diff (pp)"] == row["paired 95% CI (pp)"] == row["paired p"] == ""
+    assert "resnet20 / manual: 1 seed(s) shared with its baseline (1): no paired difference." in md
+
+
+def test_per_class_table_gives_the_mean_over_seeds_with_its_t_interval(tmp_path, capsys):
+    # make_run gives the first (right % 10) classes 9 of 10 right and the others 8: accuracy 0.80 -> every class
+    # 0.8; 0.82 -> airplane, automobile 0.9; 0.84 -> airplane to cat 0.9
+    for seed, acc in enumerate((0.80, 0.82, 0.84)):
+        make_run(tmp_path, f"base{seed}", seed=seed, acc=acc)
+    make_run(tmp_path, "manual0", mode="manual", acc=0.81)
+    out, _, _ = report(tmp_path, capsys)
+
+    table = pd.read_csv(out / "per_class_accuracy.csv").set_index("class")
+    base = "resnet20 / baseline"
+    assert list(table.columns) == [base, f"{base} ci95_low", f"{base} ci95_high", "resnet20 / manual",
+                                   "resnet20 / manual ci95_low", "resnet20 / manual ci95_high"]
+    t = stats.t.ppf(0.975, 2)
+    for cls, values in (("airplane", [0.8, 0.9, 0.9]), ("bird", [0.8, 0.8, 0.9]), ("deer", [0.8] * 3),
+                        ("all", [0.80, 0.82, 0.84])):
+        mean, half = float(np.mean(values)), t * float(np.std(values, ddof=1)) / math.sqrt(3)
+        assert table.loc[cls, [base, f"{base} ci95_low", f"{base} ci95_high"]].tolist() == pytest.approx(
+            [mean, mean - half, mean + half], abs=1e-12), cls
+    assert table.loc["airplane", "resnet20 / manual"] == pytest.approx(0.9)  # one seed: no interval
+    assert table[["resnet20 / manual ci95_low", "resnet20 / manual ci95_high"]].isna().all().all()
+
+    md = (out / "per_class_accuracy.md").read_text()
+    rows = {r["class"]: r for r in md_rows(md)}
+    half = 100 * t * 0.02 / math.sqrt(3)
+    assert rows["all"][base] == f"82.00 [{82 - half:.2f}, {82 + half:.2f}]" == "82.00 [77.03, 86.97]"
+    assert rows["deer"][base] == "80.00 [80.00, 80.00]" and rows["airplane"]["resnet20 / manual"] == "90.00"
+    assert "t distribution over the group's n seeds" in md and "paired columns" in md
+    assert md.split("\n\n")[1].strip() in (out / "report.md").read_text()
 
 
 def test_one_seed_gives_no_std_no_p_value_and_says_so(tmp_path, capsys):

@@ -4,16 +4,17 @@ Finds the run directories under ``RESULTS_DIR`` (any directory holding ``config.
 ``summary.json``), counts the completed ones, and groups runs that differ only in their seed. A group is
 one model in one mode with one set of options on one environment (device and torch version): runs
 from different machines are never averaged together. Each group is compared with the baseline of the
-same model, environment and training settings: speedup, memory ratio, accuracy difference and Welch's
-t-test over seeds. Failed, interrupted and unreadable runs are not counted; they are named on stderr
-and in the report.
+same model, environment and training settings: speedup, memory ratio, accuracy difference with Welch's
+t-test over seeds, and the paired t-test over the seeds both ran. Failed, interrupted and unreadable runs
+are not counted; they are named on stderr and in the report.
 
 Writes to ``--out`` (default ``RESULTS_DIR/report``), every file atomically:
 
 - ``comparison.md``/``.csv``: one row per group (the CSV keeps raw numbers: means, stds and n apart);
 - ``grid.md``/``.csv``: mean final validation accuracy per lr/momentum/weight-decay combination and
   model, when the runs vary those (the CSV is long: one row per cell, with a boolean ``best``);
-- ``per_class_accuracy.md``/``.csv``: per-class test accuracy per group (the CSV in fractions);
+- ``per_class_accuracy.md``/``.csv``: per-class test accuracy per group, the mean over seeds with its 95% t
+  interval (the CSV in fractions);
 - ``inference.md``: the inference benchmark's rows, when ``RESULTS_DIR/bench_infer.csv`` exists
   (``python -m mixprec.bench_infer`` writes it there with ``--out``; its default is ``results/``);
 - ``confusion_matrices.png``, ``curves.png``, ``time_to_accuracy.png``, ``loss_scale.png`` (when a group has

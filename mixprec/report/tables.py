@@ -1,6 +1,6 @@
-"""Statistics over seeds (means, Welch's t-test, time and memory ratios against the baseline) and the tables:
-comparison, grid, per-class accuracy and inference, as pandas frames, markdown and CSV. Imports :mod:`.runs` and
-:mod:`.groups`."""
+"""Statistics over seeds (means, t intervals, Welch's and the paired t-test, time and memory ratios against the
+baseline) and the tables: comparison, grid, per-class accuracy and inference, as pandas frames, markdown and CSV.
+Imports :mod:`.runs` and :mod:`.groups`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,51 @@ def welch(a, b) -> tuple[float, float, float]:
         test = ttest_ind(a, b, equal_var=False)
         ci = test.confidence_interval(0.95)
         return float(test.pvalue), float(ci.low), float(ci.high)
+
+
+def paired_t(a, b) -> tuple[float, float, float, float]:
+    """The paired t-test of ``a - b``, element by element (``a[i]`` and ``b[i]`` one seed's results in two modes):
+    the mean difference, its two-sided p-value and its 95% confidence interval, ``mean ± t(0.975, n-1) * sd / sqrt(n)``
+    of the n differences (``scipy.stats.ttest_rel``); all four NaN with fewer than 2 pairs."""
+    from scipy.stats import ttest_rel
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2:
+        return math.nan, math.nan, math.nan, math.nan
+    with warnings.catch_warnings():  # identical differences: scipy warns and returns NaN or inf, which is the answer
+        warnings.simplefilter("ignore", RuntimeWarning)
+        test = ttest_rel(a, b)
+        ci = test.confidence_interval(0.95)
+        return float(np.mean(a - b)), float(test.pvalue), float(ci.low), float(ci.high)
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """The mean of ``values`` (NaNs left out) and its 95% confidence interval, ``mean ± t(0.975, n-1) * sd / sqrt(n)``
+    (sample sd, ddof=1); the interval is NaN for fewer than 2 values, all three for none."""
+    from scipy.stats import t
+
+    v = np.asarray(values, float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, math.nan, math.nan
+    half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return mean, mean - half, mean + half
+
+
+def seed_pairs(group: Group, base: Group, key: str = "test_accuracy") -> tuple[list, np.ndarray, np.ndarray]:
+    """The seeds that both ``group`` and ``base`` ran, in order, and ``key`` per seed on each side. Runs of one seed
+    start from the same weights and see the same batches in every mode, so these pairs are the design's own.
+    A seed run more than once on one side (copies of a setting) counts once, as the mean of its runs."""
+    def per_seed(g: Group) -> pd.Series:
+        values = pd.Series([as_float(r.summary.get(key)) for r in g.runs], index=[r.seed for r in g.runs], dtype=float)
+        return values.dropna().groupby(level=0, sort=False).mean()
+
+    mine, theirs = per_seed(group), per_seed(base)
+    seeds = sorted(set(mine.index) & set(theirs.index), key=sort_key)
+    return seeds, mine[seeds].to_numpy(), theirs[seeds].to_numpy()
 
 
 def group_stats(group: Group) -> dict:
@@ -92,17 +137,28 @@ def comparison_table(groups: list[Group]) -> pd.DataFrame:
                 p, low, high = welch(g.values("test_accuracy"), base.values("test_accuracy"))
                 row["accuracy_diff_ci95_low_pp"], row["accuracy_diff_ci95_high_pp"] = 100 * low, 100 * high
                 row["welch_p"] = p
+                seeds, mine, theirs = seed_pairs(g, base)
+                diff, p, low, high = paired_t(mine, theirs)
+                row["paired_seeds"], row["paired_n"] = ",".join(map(str, seeds)), len(seeds)
+                row["paired_diff_pp"], row["paired_p"] = 100 * diff, p
+                row["paired_diff_ci95_low_pp"], row["paired_diff_ci95_high_pp"] = 100 * low, 100 * high
         rows.append(row)
     table = pd.DataFrame(rows)
     for col in ("speedup_vs_baseline", "memory_ratio_vs_baseline", "accuracy_diff_pp", "accuracy_diff_ci95_low_pp",
-                "accuracy_diff_ci95_high_pp", "welch_p"):
+                "accuracy_diff_ci95_high_pp", "welch_p", "paired_n", "paired_diff_pp", "paired_diff_ci95_low_pp",
+                "paired_diff_ci95_high_pp", "paired_p"):
         if col not in table:
             table[col] = math.nan
-    if "ratios_measured_on" not in table:
-        table["ratios_measured_on"] = ""
-    table["ratios_measured_on"] = table["ratios_measured_on"].fillna("")
-    order = [c for c in table.columns if c not in ("skipped_steps_mean", "final_loss_scale_mean")]
-    return table[order + ["skipped_steps_mean", "final_loss_scale_mean"]]
+    for col in ("ratios_measured_on", "paired_seeds"):
+        if col not in table:
+            table[col] = ""
+        table[col] = table[col].fillna("")
+    table["paired_n"] = table["paired_n"].astype("Int64")  # a count, blank for a baseline or a group without one
+    paired = ["paired_seeds", "paired_n", "paired_diff_pp", "paired_diff_ci95_low_pp", "paired_diff_ci95_high_pp",
+              "paired_p"]
+    last = ["skipped_steps_mean", "final_loss_scale_mean"]
+    order = [c for c in table.columns if c not in paired + last]
+    return table[order + paired + last]
 
 
 def _num(value, spec: str) -> str:
@@ -114,6 +170,11 @@ def _pm(mean, std, spec: str) -> str:
     if _num(mean, spec) == "":
         return ""
     return format(mean, spec) + ("" if _num(std, spec) == "" else f" ± {std:{spec}}")
+
+
+def _interval(low, high, spec: str = "+.2f") -> str:
+    """``[low, high]``, or nothing when there is no interval."""
+    return "" if _num(low, spec) == "" or _num(high, spec) == "" else f"[{low:{spec}}, {high:{spec}}]"
 
 
 def _loss_scales(group: Group) -> str:
@@ -136,9 +197,14 @@ def comparison_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
         "memory vs baseline": [_num(v, ".2f") for v in table["memory_ratio_vs_baseline"]],
         "ratios measured on": table["ratios_measured_on"],
         "accuracy vs baseline (pp)": [_num(v, "+.2f") for v in table["accuracy_diff_pp"]],
-        "95% CI (pp)": ["" if _num(lo, ".2f") == "" else f"[{lo:+.2f}, {hi:+.2f}]"
-                        for lo, hi in zip(table["accuracy_diff_ci95_low_pp"], table["accuracy_diff_ci95_high_pp"])],
+        "Welch 95% CI (pp)": [_interval(lo, hi) for lo, hi in zip(table["accuracy_diff_ci95_low_pp"],
+                                                                   table["accuracy_diff_ci95_high_pp"])],
         "Welch p": [_num(v, ".3g") for v in table["welch_p"]],
+        "paired n": ["" if pd.isna(v) else str(v) for v in table["paired_n"]],
+        "paired diff (pp)": [_num(v, "+.2f") for v in table["paired_diff_pp"]],
+        "paired 95% CI (pp)": [_interval(lo, hi) for lo, hi in zip(table["paired_diff_ci95_low_pp"],
+                                                                    table["paired_diff_ci95_high_pp"])],
+        "paired p": [_num(v, ".3g") for v in table["paired_p"]],
         "skipped steps": [_num(v, "g") for v in table["skipped_steps_mean"]],
         "final loss scale": [_loss_scales(g) for g in groups],
     })
@@ -152,9 +218,17 @@ def comparison_notes(groups: list[Group]) -> list[str]:
               "in both modes on the same machine (named under 'ratios measured on'); accuracies are pooled over "
               "all the environment's runs, whatever CPU model ran them (CPU and CUDA runs never). The accuracy "
               "difference is in "
-              "percentage points, with the 95% confidence interval of the difference and the two-sided p-value of "
-              "Welch's t-test of the test accuracies over seeds (Welch-Satterthwaite degrees of freedom). The "
-              "baseline is the one with the same model, environment and training settings.")]
+              "percentage points: 'accuracy vs baseline' is the difference of the means over all seeds, with the "
+              "95% confidence interval ('Welch 95% CI') and the two-sided p-value ('Welch p') of Welch's unpaired "
+              "t-test of the test accuracies over seeds (Welch-Satterthwaite degrees of freedom). The "
+              "baseline is the one with the same model, environment and training settings."),
+             ("Paired by seed: a run of one seed starts from the same FP32 weights and sees the same batches in "
+              "every mode, so the paired columns compare each seed with itself. 'paired diff' is the mean, over "
+              "the 'paired n' seeds that both this mode and its baseline ran, of this mode's test accuracy minus "
+              "the baseline's of the same seed; 'paired 95% CI' is its 95% confidence interval from the paired "
+              "t-test (mean ± t(0.975, n-1) × sd / √n of the n differences, n-1 degrees of freedom) and 'paired p' "
+              "that test's two-sided p-value (scipy.stats.ttest_rel). They are blank with fewer than 2 shared "
+              "seeds. Welch's test ignores the pairing and counts seed-to-seed variation that both modes share.")]
     if any(g.mode == "amp" and g.setting.get("half_compute") == "emulated" for g in groups):
         notes.append("amp with half_compute emulated (the CPU default) is torch.autocast to its dtype with "
                      "torch.amp.GradScaler for float16, its convolutions, linears and matmuls computed as emulated "
@@ -168,6 +242,15 @@ def comparison_notes(groups: list[Group]) -> list[str]:
         elif base is not None and base is not g and not paired_runs(g, base):
             notes.append(f"{g.title}: no timed baseline run of the same seed on the same machine, so no time or memory "
                          "ratio.")
+        if base is not None and base is not g:
+            seeds = seed_pairs(g, base)[0]
+            shown = ", ".join(map(str, seeds))
+            if len(seeds) < 2 and g.n >= 2 and base.n >= 2:
+                notes.append(f"{g.title}: {len(seeds)} seed(s) shared with its baseline{f' ({shown})' if seeds else ''}"
+                             ": no paired difference.")
+            elif len(seeds) >= 2 and len(seeds) < max(g.n, base.n):
+                notes.append(f"{g.title}: paired difference over seeds {shown} only, the seeds that both it and "
+                             f"its baseline ran (it has {g.n} run(s), its baseline {base.n}).")
         untimed = g.untimed_runs
         if untimed:
             notes.append(f"{g.title}: the times of seed(s) {', '.join(str(r.seed) for r in untimed)} are not counted "
@@ -232,22 +315,35 @@ def grid_markdown(table: pd.DataFrame) -> str:
 
 
 def per_class_table(groups: list[Group]) -> pd.DataFrame:
-    """Mean per-class test accuracy (fractions) per group: rows = classes in the runs' order, then "all"."""
+    """Mean per-class test accuracy (fractions) per group over its seeds, with the 95% t interval of each mean
+    (:func:`t_interval`): rows = classes in the runs' order, then "all"; per group the columns ``<title>`` (the mean),
+    ``<title> ci95_low`` and ``<title> ci95_high`` (NaN for one seed)."""
     classes = list(groups[0].runs[0].summary["per_class_accuracy"])
     data = {}
     for g in groups:
-        per_class = [float(np.nanmean([as_float(r.summary["per_class_accuracy"].get(c)) for r in g.runs]))
-                     for c in classes]
-        data[g.title] = per_class + [g.values("test_accuracy").mean()]
+        cells = [t_interval([as_float(r.summary["per_class_accuracy"].get(c)) for r in g.runs]) for c in classes]
+        cells.append(t_interval(g.values("test_accuracy")))
+        for i, suffix in enumerate(("", " ci95_low", " ci95_high")):
+            data[g.title + suffix] = [cell[i] for cell in cells]
     return pd.DataFrame(data, index=pd.Index(classes + ["all"], name="class")).reset_index()
 
 
-def per_class_markdown(table: pd.DataFrame) -> str:
-    shown = table.copy()
-    for col in shown.columns[1:]:
-        shown[col] = [_num(100 * v, ".2f") for v in shown[col]]
+def per_class_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
+    """Per class and group, the mean test accuracy in % with its 95% interval in brackets, and the notes."""
+    shown = pd.DataFrame({"class": table["class"]})
+    for g in groups:
+        cells = zip(table[g.title], table[f"{g.title} ci95_low"], table[f"{g.title} ci95_high"])
+        shown[g.title] = [f"{_num(100 * m, '.2f')} {_interval(100 * lo, 100 * hi, '.2f')}".strip()
+                          for m, lo, hi in cells]
     return (markdown_table(shown) + "\n\n"
-            "Cells: mean test accuracy (%) per true class over seeds; \"all\" is the overall test accuracy.\n")
+            "Cells: mean test accuracy (%) per true class over seeds; \"all\" is the overall test accuracy. In "
+            "brackets, the 95% confidence interval of that mean, from the t distribution over the group's n seeds "
+            "(mean ± t(0.975, n-1) × sd / √n, n-1 degrees of freedom; none for one seed; not clipped to 0-100). It is "
+            "the interval of each mode's own accuracy, so that the classes a mode finds hard, and how sure each "
+            "number is, can be read off one table. It is not a test against the baseline: intervals that overlap "
+            "here can still differ when paired by seed, so compare a mode with its baseline in the comparison "
+            "table's paired columns. Each interval holds for its own cell; across 10 classes and every mode, some "
+            "will miss by chance.\n")
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -380,7 +476,7 @@ def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
             (out / stale).unlink(missing_ok=True)
     per_class = per_class_table(groups)
     write_csv(out / "per_class_accuracy.csv", per_class)
-    sections["per_class_accuracy"] = per_class_markdown(per_class)
+    sections["per_class_accuracy"] = per_class_markdown(per_class, groups)
     for name, text in sections.items():
         write_text(out / f"{name}.md", text)
     return sections
