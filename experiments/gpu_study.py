@@ -419,57 +419,18 @@ class Study:
 
 
 def bench_tables(results: Path) -> None:
-    """``bench/speed_memory.md`` and ``.csv``: every benchmarked model and variant, with the ratios the study's
-    targets are stated in, beside the seed thesis's T4 figures."""
-    import pandas as pd
-
-    from mixprec.report.tables import markdown_table
+    """``bench/speed_memory.md`` and ``.csv``: the report's training-step table (every benchmarked model and
+    variant, its ratios, the targets), beside the benchmark's CSVs, so that an archive has it even when no run
+    completed; ``python -m mixprec.report`` writes the same table into ``report/``."""
+    from mixprec.report.runs import STEP_BENCH_TABLE
+    from mixprec.report.tables import step_bench_markdown, step_bench_table
     from mixprec.results import write_csv, write_text
 
-    frames = [pd.read_csv(p) for p in sorted((results / "bench").glob("*.csv")) if p.name != "speed_memory.csv"]
-    if not frames:
-        return
-    rows = pd.concat(frames, ignore_index=True)
-    rows = rows[rows["error"].isna()] if "error" in rows else rows
-    if rows.empty:
-        return
-    ok = rows.set_index(["model", "variant"])
-    table = []
-    for (model, variant), r in ok.iterrows():
-        fp32 = ok.loc[(model, "fp32")] if (model, "fp32") in ok.index else None
-        amp = ok.loc[(model, "amp")] if (model, "amp") in ok.index else None
-        table.append({"model": model, "variant": variant, "step (ms)": 1e3 * r["median_step_s"],
-                      "images/s": r["images_per_s"],
-                      "vs FP32": r["images_per_s"] / fp32["images_per_s"] if fp32 is not None else math.nan,
-                      "vs amp": r["images_per_s"] / amp["images_per_s"] if amp is not None else math.nan,
-                      "peak (MiB)": r["peak_memory_bytes"] / 2**20,
-                      "memory vs FP32": r["peak_memory_bytes"] / fp32["peak_memory_bytes"] if fp32 is not None
-                      else math.nan, "device": r["device"], "torch": r["torch"]})
-    frame = pd.DataFrame(table).round({"step (ms)": 2, "images/s": 1, "vs FP32": 2, "vs amp": 2, "peak (MiB)": 0,
-                                       "memory vs FP32": 2})
-    write_csv(results / "bench" / "speed_memory.csv", frame)
-    lines = ["# Training step: speed and memory", "",
-             f"Written by `experiments/gpu_study.py` from `bench/<model>.csv` ({', '.join(sorted(set(frame.device)))}"
-             f"; torch {', '.join(sorted(set(frame.torch)))}). Batch {int(rows.batch_size.iloc[0])}, one fixed batch "
-             "on "
-             "the device, median of the timed rounds after warm-up; peak = max_memory_allocated over one step, "
-             "counting the variant's own tensors. fp32 = baseline with --no-tf32; tf32 = baseline as the GPU runs "
-             "it by default.", "",
-             markdown_table(frame.drop(columns=["device", "torch"])), "",
-             "Seed thesis, T4 (Oreč 2021, 50 epochs; ../shared/ANCHORS.md): AMP against FP32 2.0x (ResNet-18), 2.0x "
-             "(ResNet-34), 2.2x (ResNet-50) in time; memory 445/707 MB = 0.63, 788/1221 = 0.65, 1883/3387 = 0.56.",
-             "", "## Targets", ""]
-    for model in sorted(set(frame.model)):
-        m = frame[frame.model == model].set_index("variant")
-        if model == "resnet50" and {"amp", "fp32"} <= set(m.index):
-            ratio = m.loc["amp", "vs FP32"]
-            lines.append(f"- resnet50 amp / true FP32 images/s: {ratio:.2f}x (target >= 2.0): "
-                         f"{'met' if ratio >= 2.0 else 'MISSED'}")
-        if {"manual", "amp"} <= set(m.index):
-            ratio = m.loc["manual", "vs amp"]
-            lines.append(f"- {model} manual / amp images/s: {ratio:.2f}x (target >= 0.9): "
-                         f"{'met' if ratio >= 0.9 else 'MISSED'}")
-    write_text(results / "bench" / "speed_memory.md", "\n".join(lines) + "\n")
+    frame = step_bench_table(results)
+    if frame is not None:
+        write_csv(results / "bench" / f"{STEP_BENCH_TABLE}.csv", frame)
+        write_text(results / "bench" / f"{STEP_BENCH_TABLE}.md",
+                   f"# Training step: speed and memory\n\n{step_bench_markdown(frame)}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

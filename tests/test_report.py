@@ -26,6 +26,7 @@ from mixprec.report import (
     loss_scale_figure,
     lost_updates_figure,
     main,
+    make_report,
     time_to_accuracy_figure,
 )
 from mixprec.results import write_csv, write_json
@@ -685,3 +686,19 @@ def test_a_bad_timings_excluded_file_is_one_line_and_exit_2(content, expect, tmp
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(ERROR) and expect in err and "\n" not in err
+
+
+def test_the_training_step_benchmark_is_a_section_of_the_report_with_its_targets(tmp_path):
+    make_run(tmp_path, "base")
+    (tmp_path / "bench").mkdir()
+    common = dict(model="resnet50", batch_size=128, device="Test GPU", torch="2.11.0", error=None)
+    pd.DataFrame([{**common, "variant": v, "median_step_s": s, "images_per_s": 128 / s, "peak_memory_bytes": m}
+                  for v, s, m in (("fp32", 0.1, 4e9), ("amp", 0.04, 2.5e9), ("manual", 0.05, 2.8e9))]).to_csv(
+        tmp_path / "bench" / "resnet50.csv", index=False)
+    make_report(tmp_path)
+    text = (tmp_path / "report" / "speed_memory.md").read_text()
+    assert "## Training step: speed and memory" in (tmp_path / "report" / "report.md").read_text()
+    assert "- resnet50: amp / fp32 images/s 2.50x (target >= 2.0): met" in text
+    assert "- resnet50: manual / amp images/s 0.80x (target >= 0.9): MISSED" in text
+    row = md_rows(text.split("\n\n")[1])[1]
+    assert (row["variant"], row["vs FP32"], row["memory vs FP32"]) == ("amp", "2.5", "0.62")

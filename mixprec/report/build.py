@@ -14,8 +14,9 @@ from ..cli import OneLineParser, UsageError
 from ..results import write_text
 from .figures import CAPTIONS, write_figures
 from .groups import Group, group_runs
-from .runs import RERUN, UNTIMED, BadRun, Excluded, Run, load_results
-from .tables import inference_markdown, inference_table, markdown_table, write_tables
+from .runs import RERUN, STEP_BENCH_TABLE, UNTIMED, BadRun, Excluded, Run, load_results
+from .tables import (inference_markdown, inference_table, markdown_table, step_bench_markdown, step_bench_table,
+                     write_tables)
 
 PROG = "python -m mixprec.report"
 
@@ -58,7 +59,8 @@ def report_markdown(root: Path, runs: list[Run], groups: list[Group], excluded: 
                        f"as `{UNTIMED}` says:"), ""]
         lines += [f"- `{_relative(r.path, root)}`: {r.untimed}" for r in untimed]
     titles = {"comparison": "Comparison with the baseline", "grid": "Hyperparameter grid",
-              "telemetry": "Skipped steps and precision telemetry", "per_class_accuracy": "Per-class test accuracy", "inference": "Inference latency and memory"}
+              "telemetry": "Skipped steps and precision telemetry", "per_class_accuracy": "Per-class test accuracy",
+              "inference": "Inference latency and memory", STEP_BENCH_TABLE: "Training step: speed and memory"}
     for name, text in sections.items():
         lines += ["", f"## {titles[name]}", "", text.rstrip()]
     lines += ["", "## Figures"]
@@ -98,6 +100,16 @@ def make_report(root: Path, out: Path | None = None) -> str:
             write_text(out / "inference.md", sections["inference"])
         else:  # an earlier report's table would contradict this one
             (out / "inference.md").unlink(missing_ok=True)
+        try:
+            steps = step_bench_table(root)
+        except BadRun as e:
+            print(f"{PROG}: warning: no training-step table: {e}", file=sys.stderr)
+            steps = None
+        if steps is not None:
+            sections[STEP_BENCH_TABLE] = step_bench_markdown(steps)
+            write_text(out / f"{STEP_BENCH_TABLE}.md", sections[STEP_BENCH_TABLE])
+        else:
+            (out / f"{STEP_BENCH_TABLE}.md").unlink(missing_ok=True)
         figures = write_figures(out, groups)
         write_text(out / "report.md", report_markdown(root, runs, groups, excluded, sections, figures))
     except OSError as e:

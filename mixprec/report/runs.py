@@ -15,6 +15,8 @@ from ..cli import UsageError
 from ..results import SUMMARY_REQUIRED, read_json
 
 INFERENCE_CSV = "bench_infer.csv"  # python -m mixprec.bench_infer --out RESULTS_DIR/bench_infer.csv
+STEP_BENCH = "bench"  # experiments/bench_gpu.py --out RESULTS_DIR/bench/<model>.csv (the GPU study writes them)
+STEP_BENCH_TABLE = "speed_memory"  # the table of them: report/speed_memory.md, and bench/ in a GPU study
 REQUIRED = {
     "config.json": ("mode", "model", "seed"),
     "env.json": ("torch", "device_name"),

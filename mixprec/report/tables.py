@@ -14,7 +14,7 @@ import pandas as pd
 from ..config import options_with
 from ..results import write_csv, write_text
 from .groups import Group, find_baseline, machine_label, show_value, sort_key
-from .runs import INFERENCE_CSV, UNTIMED, BadRun, Run, as_float, read_csv
+from .runs import INFERENCE_CSV, STEP_BENCH, STEP_BENCH_TABLE, UNTIMED, BadRun, Run, as_float, read_csv
 
 GRID = options_with("grid")
 MIB = 2**20
@@ -390,6 +390,68 @@ def inference_markdown(frame: pd.DataFrame) -> str:
         "memory measure": frame["memory_measure"], "device": frame["device_name"], "repeats": frame["repeats"]})
     return (f"From `{INFERENCE_CSV}` (`python -m mixprec.bench_infer`): latency per forward pass over the "
             "repeats, after the warm-up passes.\n\n" + markdown_table(shown))
+
+
+def step_bench_table(root: Path) -> pd.DataFrame | None:
+    """The training-step benchmark (``experiments/bench_gpu.py``, the GPU study's speed-and-memory stage): its
+    ``root/bench/<model>.csv`` rows that ran, one per model and variant, with each variant's images/s and peak
+    memory against true FP32's (``fp32``) and images/s against amp's; None if there are none."""
+    frames = []
+    for path in sorted((root / STEP_BENCH).glob("*.csv")):
+        if path.name == STEP_BENCH_TABLE + ".csv":
+            continue
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, ValueError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
+            raise BadRun(f"{STEP_BENCH}/{path.name} cannot be read ({e})") from None
+        missing = [c for c in ("model", "variant", "batch_size", "median_step_s", "images_per_s", "peak_memory_bytes",
+                               "device", "torch", "error") if c not in frame.columns]
+        if missing:
+            raise BadRun(f"{STEP_BENCH}/{path.name} lacks the column(s) {', '.join(missing)}")
+        frames.append(frame)
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    rows = rows[rows["error"].isna()] if frames else rows  # a variant that failed has no numbers
+    if rows.empty:
+        return None
+    by = rows.set_index(["model", "variant"])
+
+    def ratio(model, variant, column, reference):
+        return by.loc[(model, variant), column] / by.loc[(model, reference), column] \
+            if (model, reference) in by.index else math.nan
+
+    return pd.DataFrame([{
+        "model": model, "variant": variant, "batch": int(r["batch_size"]), "step (ms)": 1e3 * r["median_step_s"],
+        "images/s": r["images_per_s"], "vs FP32": ratio(model, variant, "images_per_s", "fp32"),
+        "vs amp": ratio(model, variant, "images_per_s", "amp"), "peak (MiB)": r["peak_memory_bytes"] / MIB,
+        "memory vs FP32": ratio(model, variant, "peak_memory_bytes", "fp32"), "device": r["device"],
+        "torch": r["torch"]} for (model, variant), r in by.iterrows()])
+
+
+# The speed targets the GPU study is held to: (model or None for every model, variant, against, least ratio)
+STEP_TARGETS = (("resnet50", "amp", "fp32", 2.0), (None, "manual", "amp", 0.9))
+
+
+def step_bench_markdown(frame: pd.DataFrame) -> str:
+    """The training-step table, the seed thesis's T4 ratios beside it, and whether each speed target was met."""
+    shown = frame.drop(columns=["device", "torch"]).round(
+        {"step (ms)": 2, "images/s": 1, "vs FP32": 2, "vs amp": 2, "peak (MiB)": 0, "memory vs FP32": 2})
+    lines = [f"From `{STEP_BENCH}/<model>.csv` (`experiments/bench_gpu.py`; {', '.join(sorted(set(frame.device)))}, "
+             f"torch {', '.join(sorted(set(frame.torch)))}): one fixed batch on the device, the median step of the "
+             "timed rounds after warm-up, the variants interleaved in one process; peak = the most memory allocated "
+             "during one step, counting the variant's own tensors (on a CPU, the sum of its tensors by role). fp32 is "
+             "baseline with --no-tf32 (true FP32), tf32 baseline as a GPU of compute capability 8.0 or newer runs it "
+             "by default.", "", markdown_table(shown), "",
+             "The seed thesis (Oreč 2021, Tesla T4, whole 50-60 epoch runs): AMP against FP32 2.0x (ResNet-18), 2.0x "
+             "(ResNet-34) and 2.2x (ResNet-50) in time; peak memory 445/707 MB = 0.63, 788/1221 = 0.65, "
+             "1883/3387 = 0.56.", ""]
+    rows = frame.set_index(["model", "variant"])
+    for model, variant, against, least in STEP_TARGETS:
+        for m in [model] if model else sorted(set(frame.model)):
+            if (m, variant) in rows.index and (m, against) in rows.index:
+                value = rows.loc[(m, variant), "images/s"] / rows.loc[(m, against), "images/s"]
+                lines.append(f"- {m}: {variant} / {against} images/s {value:.2f}x (target >= {least}): "
+                             f"{'met' if value >= least else 'MISSED'}")
+    return "\n".join(lines)
 
 
 # steps.csv column -> the telemetry table's name for its mean over the measured steps (every --telemetry-every)
