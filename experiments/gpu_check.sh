@@ -9,16 +9,21 @@
 #   bash experiments/gpu_check.sh [OUT] [path to CIFAR-10; default ../shared/data/cifar10-jpeg.tar.gz if present,
 #                                        else MIXPREC_DATA / torchvision's download]
 #
-# Without a CUDA GPU it stops at once with exit code 2 and writes nothing.
+# PYTHON names the interpreter (default python3: the GPU image has no plain `python`).
+# Without a CUDA GPU, or without torch in that interpreter, it stops at once with exit code 2 and writes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"  # a plain `python` may be absent, or not the one with torch
 OUT="${1:-results/gpu-check}"
 DATA="${2:-}"
 if [[ -z "$DATA" && -e ../shared/data/cifar10-jpeg.tar.gz ]]; then DATA=../shared/data/cifar10-jpeg.tar.gz; fi
 
-if ! python - <<'PY'
+if ! "$PYTHON" - <<'PY'
 import sys
-import torch
+try:
+    import torch
+except ImportError:
+    sys.exit(f"gpu_check.sh: {sys.executable} has no torch; set PYTHON to the interpreter that has it")
 if not torch.cuda.is_available():
     why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
     sys.exit(f"gpu_check.sh: {why} (torch {torch.__version__}); run it on a machine with an NVIDIA GPU")
@@ -33,26 +38,26 @@ TMP="$SUMMARY.tmp"
 {
     echo "# GPU check"
     echo
-    python -c "import torch; print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, $(date -u +%Y-%m-%dT%H:%MZ)')"
+    "$PYTHON" -c "import torch; print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, $(date -u +%Y-%m-%dT%H:%MZ)')"
     echo
     echo "## 1. CUDA-marked tests"
     echo
     echo '```'
-    python -m pytest -q -m cuda tests 2>&1 | tail -n 15 || true
+    "$PYTHON" -m pytest -q -m cuda tests 2>&1 | tail -n 15 || true
     echo '```'
     echo
     echo "## 2. Native FP16 kernels against the emulation, per layer type"
     echo
-    python experiments/half_agreement.py --device cuda || true
+    "$PYTHON" experiments/half_agreement.py --device cuda || true
     echo
     echo "## 3. resnet18, 2 epochs on the 45,000 training images, one run per mode"
     echo
 } > "$TMP"
 
-python -m mixprec.study --models resnet18 --modes baseline amp manual --seeds 0 --epochs 2 --device cuda \
+"$PYTHON" -m mixprec.study --models resnet18 --modes baseline amp manual --seeds 0 --epochs 2 --device cuda \
     ${DATA:+--data "$DATA"} --out "$OUT/study" || echo "(a run failed: see $OUT/study/study.json)" >> "$TMP"
 
-python - "$OUT/study/report/comparison.csv" >> "$TMP" <<'PY'
+"$PYTHON" - "$OUT/study/report/comparison.csv" >> "$TMP" <<'PY'
 import sys
 import pandas as pd
 rows = pd.read_csv(sys.argv[1])

@@ -13,9 +13,10 @@
 # resumes. DATA overrides the data path; SEEDS (default "0 1") the seeds, e.g. SEEDS=1 for the second alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STUDY=(python -m mixprec.study)
+PYTHON="${PYTHON:-python3}"  # a plain `python` may be absent, or not the one with torch
+STUDY=("$PYTHON" -m mixprec.study)
 if [[ "${1:-}" == --plan ]]; then
-    STUDY=(python -c 'import sys
+    STUDY=("$PYTHON" -c 'import sys
 from mixprec.config import parse_args
 from mixprec.study import plan
 _, combos = plan(sys.argv[1:])
@@ -48,5 +49,5 @@ for seed in "${SEED_LIST[@]}"; do
     done
 done
 if [[ "${1:-}" != --plan ]]; then
-    python -m mixprec.report "$OUT"
+    "$PYTHON" -m mixprec.report "$OUT"
 fi

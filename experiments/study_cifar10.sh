@@ -15,6 +15,7 @@
 # runs are skipped and an interrupted one is resumed. DATA overrides the data path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"  # a plain `python` may be absent, or not the one with torch
 PART="${1:-all}"
 shift || true
 SEEDS=("$@")
@@ -28,9 +29,9 @@ RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.2 --nesterov --momentum 0.9 -
 COMMON=(--modes baseline amp manual --device cpu --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
         --out results/cifar10-study)
 if [[ "$PART" != efficientnet_b0 ]]; then
-    python -m mixprec.study --models resnet20 --seeds "${SEEDS[@]}" --epochs 10 "${RECIPE[@]}" "${COMMON[@]}"
+    "$PYTHON" -m mixprec.study --models resnet20 --seeds "${SEEDS[@]}" --epochs 10 "${RECIPE[@]}" "${COMMON[@]}"
 fi
 if [[ "$PART" != resnet20 ]]; then
-    python -m mixprec.study --models efficientnet_b0 --seeds 0 --epochs 5 --subset 10000 "${RECIPE[@]}" \
+    "$PYTHON" -m mixprec.study --models efficientnet_b0 --seeds 0 --epochs 5 --subset 10000 "${RECIPE[@]}" \
         "${COMMON[@]}"
 fi

@@ -10,6 +10,7 @@
 # autocast (labelled so in its report), which took ~12x FP32's time on the AVX2 EPYC it ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m mixprec.study --models resnet20 --modes baseline amp manual --seeds 0 1 2 \
+PYTHON="${PYTHON:-python3}"  # a plain `python` may be absent, or not the one with torch
+"$PYTHON" -m mixprec.study --models resnet20 --modes baseline amp manual --seeds 0 1 2 \
     --epochs 3 --subset 5000 --test-subset 1000 --device cpu \
     --data "${1:-../shared/data/cifar10-jpeg.tar.gz}" --out results/cpu-study

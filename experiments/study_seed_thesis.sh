@@ -10,7 +10,8 @@
 # the baseline true FP32 (the T4 has no TF32). Running it again continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m mixprec.study --models resnet18 resnet34 --modes baseline amp --epochs 50 --device cuda \
+PYTHON="${PYTHON:-python3}"  # a plain `python` may be absent, or not the one with torch
+"$PYTHON" -m mixprec.study --models resnet18 resnet34 --modes baseline amp --epochs 50 --device cuda \
     --out results/seed-thesis --no-report "$@"
-python -m mixprec.study --models resnet50 --modes baseline amp --epochs 60 --device cuda \
+"$PYTHON" -m mixprec.study --models resnet50 --modes baseline amp --epochs 60 --device cuda \
     --out results/seed-thesis "$@"

@@ -1,12 +1,19 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: one process per rank.
+"""Run by tests/test_distributed.py, under ``torchrun --nproc_per_node 2`` (one process per rank) and as
+one plain process, both with the same environment and ``OMP_NUM_THREADS=1``.
 
-``python tests/ddp_worker.py DATA OUT`` trains resnet20 on DATA for a few steps in every mode, each
-rank saving its final weights and step log to OUT/<case>-rank<R>.pt; then one optimizer step of each
-mode in ONE_STEP, saving the weights before and after it to OUT/<case>-one-step-rank<R>.pt; then it
-runs ``mixprec.run`` itself.
+``python tests/ddp_worker.py DATA OUT`` under torchrun trains resnet20 on DATA for a few steps in every
+mode, each rank saving its final weights and step log to OUT/<case>-rank<R>.pt; then one optimizer step
+of each mode in ONE_STEP, saving the weights before and after it to OUT/<case>-one-step-rank<R>.pt; then
+it runs ``mixprec.run`` itself.
+
+``python tests/ddp_worker.py DATA OUT --one-process`` trains the same cases in one process, each global
+batch in twice as many micro-batches (the ranks' micro-batches: the same shapes, so the same kernels),
+saving OUT/<case>-one.pt and OUT/<case>-one-step-one.pt. Every file records the kernels it ran on
+(:func:`kernels`), so the test can check that both sides really ran the same ones.
 """
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +33,15 @@ CASES = {
     "manual-overflow-on-rank-1": {"mode": "manual", "inject_overflow": (2,), "inject_overflow_rank": 1},
 }
 OPTIONS = {"model": "resnet20", "epochs": 1, "batch_size": 16, "subset": 96, "test_subset": 30, "device": "cpu"}
-ONE_STEP = ("baseline", "amp", "manual", "manual-accumulate")  # trained on one batch: one optimizer step
+# trained on one batch too (one optimizer step), and compared against one process on both
+ONE_STEP = ("baseline", "amp", "manual", "manual-accumulate")
+
+
+def kernels() -> dict:
+    """What picks this process's CPU kernels: ATen's instruction set, oneDNN's cap on it, and the thread count
+    (oneDNN and ATen block their FP32 sums differently for other thread counts: other roundings)."""
+    return {"torch": torch.__version__, "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "threads": torch.get_num_threads()}
 
 
 def trained(cfg: RunConfig, splits) -> tuple[list[dict], object]:
@@ -36,6 +51,27 @@ def trained(cfg: RunConfig, splits) -> tuple[list[dict], object]:
     result = train(cfg, splits, log=lambda msg: None,
                    on_epoch=lambda result, state, improved: states.append(copy.deepcopy(state)))
     return states, result
+
+
+def one_process(data: str, out: str) -> None:
+    """The cases of ONE_STEP, on OPTIONS and on one batch, trained by this one process, each global batch in
+    twice as many micro-batches as a rank takes (the loss of each halved: a power of two, exact)."""
+    out = Path(out)
+
+    def doubled(options):
+        return {**options, "accumulate": 2 * options.get("accumulate", 1)}
+
+    splits = make_splits(load_cifar10(data), OPTIONS["subset"], OPTIONS["test_subset"])
+    for case in ONE_STEP:
+        _, result = trained(RunConfig(**doubled({**OPTIONS, **CASES[case]}), data=data), splits)
+        torch.save({"steps": result.steps, "kernels": kernels()}, out / f"{case}-one.pt")
+
+    one_batch = {**OPTIONS, "subset": OPTIONS["batch_size"]}
+    one_batch_splits = make_splits(load_cifar10(data), one_batch["subset"], one_batch["test_subset"])
+    for case in ONE_STEP:
+        states, result = trained(RunConfig(**doubled({**one_batch, **CASES[case]}), data=data), one_batch_splits)
+        torch.save({"before": states[0], "after": states[-1], "steps": result.steps, "kernels": kernels()},
+                   out / f"{case}-one-step-one.pt")
 
 
 def main(data: str, out: str) -> None:
@@ -51,13 +87,14 @@ def main(data: str, out: str) -> None:
     for case, options in CASES.items():
         states, result = trained(RunConfig(**OPTIONS, **options, data=data), splits)
         torch.save({"model": states[-1]["model"], "master": states[-1]["master"], "steps": result.steps,
-                    "test": result.test, "world_size": result.world_size}, out / f"{case}-rank{rank}.pt")
+                    "test": result.test, "world_size": result.world_size, "kernels": kernels()},
+                   out / f"{case}-rank{rank}.pt")
 
     one_batch = {**OPTIONS, "subset": OPTIONS["batch_size"]}
     one_batch_splits = make_splits(load_cifar10(data), one_batch["subset"], one_batch["test_subset"])
     for case in ONE_STEP:
         states, result = trained(RunConfig(**one_batch, **CASES[case], data=data), one_batch_splits)
-        torch.save({"before": states[0], "after": states[-1], "steps": result.steps},
+        torch.save({"before": states[0], "after": states[-1], "steps": result.steps, "kernels": kernels()},
                    out / f"{case}-one-step-rank{rank}.pt")
 
     code = run(["--mode", "manual", "--model", "resnet20", "--epochs", "1", "--batch-size", "16", "--subset", "96",
@@ -66,4 +103,7 @@ def main(data: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if "--one-process" in sys.argv:
+        one_process(*(a for a in sys.argv[1:] if a != "--one-process"))
+    else:
+        main(*sys.argv[1:])

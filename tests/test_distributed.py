@@ -9,31 +9,46 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixprec.config import RunConfig
-from mixprec.data import load_cifar10, make_splits
-from tests.ddp_worker import CASES, ONE_STEP, OPTIONS, trained
+from tests.ddp_worker import CASES, ONE_STEP
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _env(data_home) -> dict:
+    """The environment of both sides: this one (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and all), without
+    torchrun's variables, with one thread per process. One thread on both sides, rather than this process's
+    torch.set_num_threads: a fresh process with OMP_NUM_THREADS=1 is what the ranks are, whatever this process
+    (its thread pool, oneDNN's primitive cache, the flags other tests set) has been through."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "MIXPREC_DATA": str(data_home), "OMP_NUM_THREADS": "1"}
+
+
+def _worker(tmp_path_factory, tiny_cifar, name: str, launcher: list[str], *extra: str):
+    out = tmp_path_factory.mktemp(name)
+    proc = subprocess.run([*launcher, str(WORKER), str(tiny_cifar["pickles"]), str(out), *extra], check=False,
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
+                          env=_env(tmp_path_factory.mktemp("data_home")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stderr
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_cifar, tmp_path_factory):
     """Every case of tests/ddp_worker.py, trained by two ranks: ``{case: [rank 0's, rank 1's]}``."""
-    out = tmp_path_factory.mktemp("ddp")
-    data = str(tiny_cifar["pickles"])
-    env_home = tmp_path_factory.mktemp("data_home")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), data,
-         str(out)], check=False, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
-        env={**_env(), "MIXPREC_DATA": str(env_home), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, stderr = _worker(tmp_path_factory, tiny_cifar, "ddp",
+                          [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     results = {case: [torch.load(out / f"{case}-rank{r}.pt", weights_only=False) for r in (0, 1)]
                for case in [*CASES, *(f"{c}-one-step" for c in ONE_STEP), "found-inf", "cli-exit"]}
-    return out, results, proc.stderr
+    return out, results, stderr
 
 
-def _env():
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+@pytest.fixture(scope="module")
+def one_process(tiny_cifar, tmp_path_factory):
+    """The cases of ONE_STEP trained by one process, in the ranks' environment and thread count,
+    each global batch in two micro-batches per rank's one: ``{case: result}``, ``{case}-one-step`` too."""
+    out, _ = _worker(tmp_path_factory, tiny_cifar, "one", [sys.executable], "--one-process")
+    return {case: torch.load(out / f"{case}-one.pt", weights_only=False)
+            for case in [*ONE_STEP, *(f"{c}-one-step" for c in ONE_STEP)]}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -61,17 +76,39 @@ def test_an_overflow_on_rank_1_only_skips_the_step_on_both_ranks(two_ranks):
     assert rank0["steps"][0]["loss"] == clean[0]["loss"]  # the same run until the injected step
 
 
-def _one_process(options: dict, data: str) -> tuple[list[dict], object]:
-    """``options`` trained by this process on the thread count of the ranks (OMP_NUM_THREADS=1 above), with
-    each global batch in twice as many micro-batches: the same kernels on the same micro-batches as the ranks."""
-    options = {**options, "accumulate": 2 * options.get("accumulate", 1)}
-    splits = make_splits(load_cifar10(data), options["subset"], options["test_subset"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # other thread counts pick other blockings of the FP32 sums: other roundings
-    try:
-        return trained(RunConfig(**options, data=data), splits)
-    finally:
-        torch.set_num_threads(threads)
+def _same_kernels(*sides: dict) -> None:
+    """Both sides ran the same CPU kernels: the same torch, instruction set and one thread each."""
+    assert all(side["kernels"] == sides[0]["kernels"] for side in sides), [side["kernels"] for side in sides]
+    assert sides[0]["kernels"]["threads"] == 1
+
+
+U32 = 2.0**-24  # FP32's unit roundoff
+
+
+def gamma(n: int) -> float:
+    """Higham's bound on the relative error of n FP32 roundings in a row: |fl(x) - x| <= gamma(n) |x|."""
+    return n * U32 / (1 - n * U32)
+
+
+def _assert_same_first_loss(ranks: float, one: float, case: str) -> None:
+    """A step's loss is the sum of its micro-batch losses, each divided by the count (a power of two here,
+    exact), and the ranks' are averaged. Same kernels, same micro-batches: the same micro-batch losses on
+    both sides; only the order of the FP32 additions can differ.
+
+    - one micro-batch per rank (k = 1): one process adds l_a/2 + l_b/2, the ranks (l_a + l_b)/2: one rounding
+      of the same sum, bit-identical;
+    - k micro-batches per rank: one process adds its 2k losses in a row ((a+b)+c)+d (2k-1 roundings), the
+      ranks add k each and then the two sums, (a+b)+(c+d) (k roundings on any term's path). Summed
+      recursively, positive terms (cross-entropies) are off by at most gamma(roundings) times their sum
+      S <= one / (1 - gamma(2k-1)) (Higham, Accuracy and Stability, 4.2): the two sides differ by at most
+      (gamma(2k-1) + gamma(k)) S, about 5u for k = 2. Measured on one machine: 1 ulp, 1.6u. A wrong
+      micro-batch or weight moves the loss by orders of magnitude more."""
+    k = CASES[case].get("accumulate", 1)
+    if k == 1:
+        assert ranks == one
+    else:
+        bound = (gamma(2 * k - 1) + gamma(k)) * one / (1 - gamma(2 * k - 1))
+        assert abs(ranks - one) <= bound, (ranks, one, abs(ranks - one) / (U32 * one))
 
 
 def _update(states: list[dict]) -> torch.Tensor:
@@ -89,7 +126,7 @@ U16 = 2.0**-11  # FP16's unit roundoff
 
 @pytest.mark.parametrize("case, bound", [("baseline", 0.0), ("amp", U16), ("manual", U16),
                                          ("manual-accumulate", 6 * U16)])
-def test_two_processes_take_the_first_step_of_one_with_the_same_global_batch(two_ranks, tiny_cifar, case, bound):
+def test_two_processes_take_the_first_step_of_one_with_the_same_global_batch(two_ranks, one_process, case, bound):
     """Two ranks, each on half of the global batch, against one process taking each batch in two micro-batches
     (BatchNorm normalizes over the same halves either way), on one optimizer step, where the comparison is
     well conditioned. With the same kernels on both sides the arithmetic differs only in how the micro-batch
@@ -104,30 +141,30 @@ def test_two_processes_take_the_first_step_of_one_with_the_same_global_batch(two
       the sum of the four gradients' magnitudes, element by element; the micro-batches of one step mostly agree
       in sign, so in norm that is within 6u of the update (0.7u measured here)."""
     _, results, _ = two_ranks
-    rank0 = results[f"{case}-one-step"][0]
-    one_batch = {**OPTIONS, **CASES[case], "subset": OPTIONS["batch_size"]}
-    states, one = _one_process(one_batch, str(tiny_cifar["pickles"]))
-    assert len(one.steps) == len(rank0["steps"]) == 1 and not one.steps[0]["skipped"]
-    assert rank0["steps"][0]["loss"] == one.steps[0]["loss"]  # the same weights on the same images
-    expected, got = _update(states), _update([rank0["before"], rank0["after"]])
+    rank0, one = results[f"{case}-one-step"][0], one_process[f"{case}-one-step"]
+    _same_kernels(rank0, one)
+    assert len(one["steps"]) == len(rank0["steps"]) == 1 and not one["steps"][0]["skipped"]
+    _assert_same_first_loss(rank0["steps"][0]["loss"], one["steps"][0]["loss"], case)  # same weights, images
+    expected, got = _update([one["before"], one["after"]]), _update([rank0["before"], rank0["after"]])
     assert expected.norm() > 0
     assert (got - expected).norm() <= bound * expected.norm(), ((got - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("case", ["baseline", "amp", "manual", "manual-accumulate"])
-def test_two_processes_follow_one_with_the_same_global_batch(two_ranks, tiny_cifar, case):
+@pytest.mark.parametrize("case", ONE_STEP)
+def test_two_processes_follow_one_with_the_same_global_batch(two_ranks, one_process, case):
     """Over six steps: the same losses in FP32 (each step's arithmetic is the same, see above); in half precision
     the same first loss and the same loss-scale decisions, but no loss comparison after the first step: a
     rounding difference in one update grows chaotically over the next ones (manual-accumulate, measured
     here: relative loss differences of 4e-5 at step 2, 1e-3 at step 4, 4e-3 at step 5)."""
     _, results, _ = two_ranks
-    _, one = _one_process({**OPTIONS, **CASES[case]}, str(tiny_cifar["pickles"]))
-    two = results[case][0]["steps"]
-    assert len(one.steps) == len(two) == 6
-    assert one.steps[0]["loss"] == two[0]["loss"]
+    one, two = one_process[case], results[case][0]
+    _same_kernels(two, one)
+    one, two = one["steps"], two["steps"]
+    assert len(one) == len(two) == 6
+    _assert_same_first_loss(two[0]["loss"], one[0]["loss"], case)
     if case == "baseline":
-        assert [s["loss"] for s in one.steps] == [s["loss"] for s in two]
-    assert [(s["skipped"], s["loss_scale"]) for s in one.steps] == [(s["skipped"], s["loss_scale"]) for s in two]
+        assert [s["loss"] for s in one] == [s["loss"] for s in two]
+    assert [(s["skipped"], s["loss_scale"]) for s in one] == [(s["skipped"], s["loss_scale"]) for s in two]
 
 
 def test_under_torchrun_only_rank_0_writes_the_run_and_records_the_world_size(two_ranks):

@@ -6,19 +6,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from half_agreement import LAYERS, main as half_agreement  # noqa: E402
 
 
-def test_gpu_check_without_a_gpu_stops_at_once_with_one_line_and_writes_nothing(tmp_path):
+def _gpu_check(out, python: str):
+    return subprocess.run(["bash", str(ROOT / "experiments" / "gpu_check.sh"), str(out)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": python})
+
+
+@pytest.mark.parametrize("python, expect", [(sys.executable, "NVIDIA GPU"), (None, "has no torch")])
+def test_gpu_check_without_a_gpu_or_torch_stops_at_once_with_one_line_and_writes_nothing(python, expect, tmp_path):
     out = tmp_path / "gpu-check"
-    proc = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_check.sh"), str(out)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if python is None:  # an interpreter without torch: a venv made here without site packages
+        venv = tmp_path / "bare"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        python = str(venv / "bin" / "python3")
+    proc = _gpu_check(out, python)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpu_check.sh: ") and "NVIDIA GPU" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("gpu_check.sh: ") and expect in lines[0], proc.stderr
     assert proc.stdout == "" and not out.exists()
 
 

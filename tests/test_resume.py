@@ -49,6 +49,10 @@ def _interrupt_after_first_epoch(args, sig) -> tuple[Path, subprocess.Popen]:
 
 
 def test_interrupted_then_resumed_run_ends_bit_identical(tiny_cifar, tmp_path):
+    """Bit for bit, because every side runs the same kernels: the straight, the interrupted and the resumed run
+    are all fresh processes of this interpreter with this process's environment (ATEN_CPU_CAPABILITY,
+    ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS and all), hence the same instruction set and thread count, on the same
+    batch shapes. Only the resume itself could make them differ."""
     data = tiny_cifar["pickles"]
     straight = _cli(*_args(data, tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr
@@ -128,6 +132,8 @@ class StopAfter:
 
 
 def test_a_run_stopped_mid_epoch_resumes_from_that_step(tiny_cifar):
+    """Bit for bit: the full, the stopped and the resumed run train in this one process, one after the other,
+    with the same kernels and thread count."""
     import io
 
     from mixprec.data import load_cifar10, make_splits

@@ -77,6 +77,7 @@ def test_study_skips_completed_resumes_interrupted_and_records_failures(tiny_cif
     assert "resnet20 baseline seed 0: completed before" in err and "skipped" in err
     assert sorted((out / "runs").iterdir()) == runs  # resumed in place, nothing new
     assert read_json(seed1 / "summary.json")["status"] == "completed"
+    # exactly: both evaluations ran in a fresh process of this interpreter with this environment (same kernels)
     assert read_json(seed1 / "summary.json")["test_accuracy"] == summary["test_accuracy"]
     assert "--resume" in (out / "study-logs" / "resnet20_baseline_seed_1.log").read_text()
     study = read_json(out / "study.json")
