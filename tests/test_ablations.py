@@ -48,11 +48,11 @@ def test_without_master_weights_small_updates_vanish():
         assert p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped is False
         return model, p
 
-    model, p = step_once(master_weights=False)
+    model, p = step_once(master_weights="none")
     assert p.master.params[0] is p.master.model_params[0]  # the optimizer owns the FP16 weights
     assert p.optimizer.param_groups[0]["params"][0].dtype == torch.float16
     assert torch.all(model.fc.weight == 1.0)  # 1 - ~1e-5 rounds back to 1 in FP16: the update is lost
-    model, p = step_once(master_weights=True)
+    model, p = step_once(master_weights="fp32")
     master_fc = p.master.params[-2]
     assert (master_fc != 1.0).float().mean() > 0.9  # the FP32 master weights keep it
 
