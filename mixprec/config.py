@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import warnings
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -305,6 +306,7 @@ def changed(cfg: RunConfig, role: str) -> tuple[str, ...]:
     return tuple(name for name in options_with(role) if getattr(cfg, name) != default[name])
 
 
+REPLACED_FLAGS = {"--no-master-weights": "--master-weights none"}  # older command lines, and what they say now
 ABLATION_OPTIONS = options_with("ablation")  # summary.json's ablation entry; a study labels runs by those changed
 RESUME_MAY_CHANGE = options_with("resumable")  # options that --resume lets differ from the run's own
 
@@ -381,6 +383,8 @@ def parse_command(argv: list[str] | None = None) -> tuple[RunConfig, Path | None
     With ``--resume``, the configuration is the run's own ``config.json``, and any option given
     beside it must agree with it (:data:`RESUME_MAY_CHANGE` excepted)."""
     parser = build_parser()
+    for flag in set(sys.argv[1:] if argv is None else argv) & set(REPLACED_FLAGS):
+        parser.error(f"{flag} is now {REPLACED_FLAGS[flag]}")
     args = parser.parse_args(argv)
     names = {f.name for f in fields(RunConfig)}
     if args.resume is None:
