@@ -91,6 +91,26 @@ def test_study_skips_completed_resumes_interrupted_and_records_failures(tiny_cif
     assert all("--subset 100000" in c["error"] for c in study["combinations"])
 
 
+
+@pytest.mark.parametrize("old, argv", [(False, ["--master-weights", "none"]), (True, [])])
+def test_a_run_made_with_the_old_master_weights_flag_counts_as_done(tmp_path, old, argv):
+    """Runs made before --master-weights say master_weights false (--no-master-weights) or true in config.json:
+    the study finds them as the runs of --master-weights none and of the default fp32."""
+    from dataclasses import asdict
+
+    from mixprec.config import RunConfig
+    from mixprec.study import find_run
+
+    combo, = plan(["--models", "resnet20", "--modes", "manual", "--out", str(tmp_path), *argv])[1]
+    run = tmp_path / "runs" / "resnet20-manual-s0-old"
+    run.mkdir(parents=True)
+    write_json(run / "config.json", {**asdict(RunConfig(mode="manual", model="resnet20", out=str(tmp_path))),
+                                     "master_weights": old})
+    write_json(run / "summary.json", {"status": "completed"})
+    assert find_run(str(tmp_path), combo.argv) == (run, "completed")
+    other, = plan(["--models", "resnet20", "--modes", "manual", "--out", str(tmp_path), "--master-weights", "kahan"])[1]
+    assert find_run(str(tmp_path), other.argv) is None
+
 CHILD = """
 import signal, sys
 def note(signum, frame):
