@@ -24,6 +24,7 @@ CASES = {
     "manual": {"mode": "manual"},
     "manual-accumulate": {"mode": "manual", "accumulate": 2},
     "manual-overflow-on-rank-1": {"mode": "manual", "inject_overflow": (2,), "inject_overflow_rank": 1},
+    "manual-stochastic": {"mode": "manual", "master_weights": "stochastic"},  # every rank draws the same bits
 }
 OPTIONS = {"model": "resnet20", "epochs": 1, "batch_size": 16, "subset": 96, "test_subset": 30, "device": "cpu"}
 ONE_STEP = ("baseline", "amp", "manual", "manual-accumulate")  # trained on one batch: one optimizer step
