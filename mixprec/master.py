@@ -5,7 +5,7 @@ The forward and backward passes run in the half model. With ``fp32`` the optimiz
 parameters, so that an update much smaller than the weight (``1 + 1e-4`` is ``1`` in FP16) still accumulates.
 Three steps, as in apex's ``fp16_utils``: make the copies (:class:`MasterWeights`), move the gradients in
 (done by :meth:`DynamicLossScaler.unscale_`, which unscales them on the way), and copy the updated weights
-back (:meth:`MasterWeights.copy_to_model_`).
+back (:meth:`MasterWeights.copy_to_model_`, which :meth:`MasterWeights.stepping` calls after the step).
 
 The alternatives keep no FP32 weights from one step to the next:
 
@@ -30,9 +30,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .config import MASTER_WEIGHTS as KINDS  # fp32, none, stochastic, kahan
 from .telemetry import Telemetry
 
-KINDS = ("fp32", "none", "stochastic", "kahan")  # config.MASTER_WEIGHTS, in this module's words
 COLUMNS = ("update_lost_frac", "decay_lost_frac")  # steps.csv, NaN where not measured (see lost_updates)
 NEAREST_COLUMNS = ("update_lost_nearest_frac",)  # with stochastic and kahan, what nearest rounding would lose
 # The stochastic-rounding generator's seed is the run's seed plus this, so that its stream of random bits is
@@ -202,13 +202,15 @@ class MasterWeights:
         stochastically, ``kahan`` adds their update with compensation; ``none`` has nothing to do. On a
         ``measure`` step, what rounding lost is recorded into :attr:`telemetry` (not with ``fp32``, which loses
         nothing to the model's precision)."""
-        if self.kind in ("fp32", "none"):
-            halves = [p for p in self.params if p.dtype != torch.float32]  # FP32 (BatchNorm) ones lose nothing
-            before = [p.detach().clone() for p in halves] if self.kind == "none" and measure and halves else None
+        if self.kind == "fp32":
             yield
-            if self.kind == "fp32":
-                self.copy_to_model_()
-            elif before is not None:
+            self.copy_to_model_()
+            return
+        if self.kind == "none":
+            halves = [p for p in self.params if p.dtype != torch.float32]  # FP32 (BatchNorm) ones lose nothing
+            before = [p.detach().clone() for p in halves] if measure and halves else None
+            yield
+            if before is not None:
                 self.telemetry.record(lost_updates(optimizer, halves, before))
             return
         with torch.no_grad():

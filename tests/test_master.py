@@ -130,7 +130,8 @@ def test_a_long_kahan_sum_of_tiny_updates_ends_within_one_ulp_of_the_fp32_sum_an
         fp32 += ups
         kahan_add_(kahan, compensation, ups)
         nearest.copy_(nearest.float() + ups)
-    ulp = (torch.nextafter(fp32.to(dtype), torch.tensor(torch.inf, dtype=dtype)).float() - fp32.to(dtype).float()).item()
+    rounded = fp32.to(dtype)
+    ulp = (torch.nextafter(rounded, torch.tensor(torch.inf, dtype=dtype)).float() - rounded.float()).item()
     assert abs(kahan.float().item() - fp32.item()) <= ulp
     assert nearest.item() == 1.0 and abs(nearest.float().item() - fp32.item()) > 10 * ulp
 
@@ -165,7 +166,8 @@ def test_each_kind_takes_the_updates_of_sgd_that_nearest_rounding_in_half_loses(
     FP16 spacing (2**-11 below 1) of FP32's weights; stochastic rounding's mean weight within 5 standard
     deviations of it."""
     exact = 1 - 200 * 5e-5
-    fp32, none, kahan, stochastic = (_steps(*_half_layer(kind), 200) for kind in ("fp32", "none", "kahan", "stochastic"))
+    fp32, none, kahan, stochastic = (_steps(*_half_layer(kind), 200)
+                                     for kind in ("fp32", "none", "kahan", "stochastic"))
     assert torch.equal(fp32, torch.full_like(fp32, exact))
     assert none.eq(1.0).all()
     assert (kahan.float() - exact).abs().max() <= 2**-11

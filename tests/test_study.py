@@ -32,7 +32,8 @@ def test_plan_runs_every_combination_seeds_slowest_with_shared_options_passed_on
     assert argv[argv.index("--out") + 1] == "somewhere"
     _, single = plan(["--models", "resnet20", "--modes", "amp"])
     assert [c.label for c in single] == ["resnet20 amp seed 0"]  # no grid: no grid suffix
-    _, ablation = plan(["--models", "resnet20", "--modes", "manual", "--loss-scale", "none", "--master-weights", "none"])
+    _, ablation = plan(["--models", "resnet20", "--modes", "manual", "--loss-scale", "none",
+                        "--master-weights", "none"])
     assert [c.label for c in ablation] == ["resnet20 manual seed 0 loss_scale=none master_weights=none"]
     _, fp8 = plan(["--models", "resnet20", "--modes", "manual", "--fp8", "current",
                    "--inject-overflow", "3,5"])
