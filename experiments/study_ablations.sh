@@ -35,7 +35,7 @@ VARIANTS=(
     "--modes manual"
     "--modes manual --loss-scale none"
     "--modes manual --loss-scale 1024"
-    "--modes manual --no-master-weights"
+    "--modes manual --master-weights none"
     "--modes manual --fp16-batchnorm"
     "--modes manual --manual-dtype bfloat16"
     "--modes manual --fp8 delayed"

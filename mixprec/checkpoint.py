@@ -46,7 +46,6 @@ def _parts(loop) -> dict[str, tuple[Callable[[], object], Callable[[object], Non
     """What a checkpoint of ``loop`` (a :class:`mixprec.train.Loop`) holds besides its position, in the order
     it is restored: for each key, how to read the part and how to set it back."""
     p = loop.precision
-    master = p.master if p.master is not None and p.master.enabled else None
     progress = (lambda: {**{k: getattr(loop.result, k) for k in RESULT_PROGRESS},
                          **{k: getattr(loop, k) for k in LOOP_PROGRESS}})
 
@@ -58,7 +57,7 @@ def _parts(loop) -> dict[str, tuple[Callable[[], object], Callable[[object], Non
 
     return {
         "model": _state_dict_of(loop.model),
-        "master": _state_dict_of(master),
+        "master": _state_dict_of(p.master),  # FP32 masters, the rounding generator or Kahan buffers; else None
         "optimizer": _state_dict_of(p.optimizer),
         "scaler": _state_dict_of(p.scaler),
         "fp8": _state_dict_of(p.fp8),  # amax histories, scales

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import warnings
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("auto", "float16", "bfloat16")
 HALF_COMPUTES = ("auto", "native", "emulated")
 MANUAL_DTYPES = ("float16", "bfloat16")
+MASTER_WEIGHTS = ("fp32", "none", "stochastic", "kahan")  # how manual mode's updates reach its half weights (master.py)
 FP8_RECIPES = ("off", "delayed", "current")
 ON_MIN_SCALE = ("raise", "skip")
 
@@ -169,9 +171,17 @@ class RunConfig:
     on_min_scale: str = option("raise", roles="ablation label manual", group="ablations", choices=ON_MIN_SCALE,
                                help="when a backoff would take the dynamic scale below 1: raise ends the run as "
                                "failed, skip holds the scale at 1 and keeps skipping overflowing steps")
-    master_weights: bool = option(True, roles="ablation label manual", group="ablations", flag="--no-master-weights",
-                                  help="let the optimizer update the FP16 weights in place: small updates vanish (1 + "
-                                  "1e-4 == 1 in FP16)")
+    master_weights: str = option("fp32", roles="ablation label manual", group="ablations", choices=MASTER_WEIGHTS,
+                                 help="how the optimizer's updates reach the half-precision weights. fp32: FP32 "
+                                 "master weights, which the optimizer updates and which are rounded to nearest into "
+                                 "the model after every step (4 bytes per parameter). none: the optimizer updates the "
+                                 "half weights in place, so an update below half their spacing vanishes (1 + 1e-4 == "
+                                 "1 in FP16). stochastic: the optimizer updates FP32 working copies of the half "
+                                 "weights, and each new weight is rounded stochastically into the model (unbiased; "
+                                 "random bits from a generator seeded by --seed). kahan: the same, rounded to nearest, "
+                                 "with each weight's rounding error carried to the next step in a half-precision "
+                                 "compensation buffer (2 bytes per parameter). With stochastic and kahan the momentum "
+                                 "stays FP32, as with fp32; with none it is half")
     fp16_batchnorm: bool = option(False, roles="ablation label manual", group="ablations",
                                   help="run BatchNorm in FP16 too")
     manual_dtype: str = option("float16", roles="ablation label manual", group="ablations", choices=MANUAL_DTYPES,
@@ -296,6 +306,7 @@ def changed(cfg: RunConfig, role: str) -> tuple[str, ...]:
     return tuple(name for name in options_with(role) if getattr(cfg, name) != default[name])
 
 
+REPLACED_FLAGS = {"--no-master-weights": "--master-weights none"}  # older command lines, and what they say now
 ABLATION_OPTIONS = options_with("ablation")  # summary.json's ablation entry; a study labels runs by those changed
 RESUME_MAY_CHANGE = options_with("resumable")  # options that --resume lets differ from the run's own
 
@@ -372,6 +383,8 @@ def parse_command(argv: list[str] | None = None) -> tuple[RunConfig, Path | None
     With ``--resume``, the configuration is the run's own ``config.json``, and any option given
     beside it must agree with it (:data:`RESUME_MAY_CHANGE` excepted)."""
     parser = build_parser()
+    for flag in set(sys.argv[1:] if argv is None else argv) & set(REPLACED_FLAGS):
+        parser.error(f"{flag} is now {REPLACED_FLAGS[flag]}")
     args = parser.parse_args(argv)
     names = {f.name for f in fields(RunConfig)}
     if args.resume is None:
@@ -404,11 +417,14 @@ def option_name(name: str) -> str:
 
 def upgrade(saved: dict) -> dict:
     """A ``config.json`` as this version writes it. Runs made before ``--fp8`` say ``manual_dtype: float8`` and
-    ``fp8_scaling`` instead: an FP16 model with that FP8 recipe."""
+    ``fp8_scaling`` instead: an FP16 model with that FP8 recipe. Runs made before ``--master-weights`` say
+    ``master_weights: true`` (``fp32``) or ``false`` (``--no-master-weights``, now ``none``)."""
     saved = dict(saved)
     scaling = saved.pop("fp8_scaling", "delayed")
     if saved.get("manual_dtype") == "float8":
         saved["manual_dtype"], saved["fp8"] = "float16", scaling
+    if isinstance(saved.get("master_weights"), bool):
+        saved["master_weights"] = "fp32" if saved["master_weights"] else "none"
     return saved
 
 

@@ -49,16 +49,22 @@ def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
 
 
 def breakdown(model: torch.nn.Module, master, optimizer: torch.optim.Optimizer, activations: int) -> dict:
-    """Bytes by role after a training step: the model the forward pass uses (parameters and buffers),
-    FP32 master weights (0 without), gradients (the model's and the master's), optimizer state
-    (momentum buffers), and ``activations`` as measured by :class:`SavedTensorBytes`."""
-    own_master = master is not None and master.enabled
+    """Bytes by role after a training step: the model the forward pass uses (parameters and buffers), FP32
+    master weights (``--master-weights fp32``; 0 otherwise), gradients (the model's, and the FP32 ones of
+    whatever the optimizer steps in their stead), optimizer state (momentum buffers), ``activations`` as
+    measured by :class:`SavedTensorBytes`, Kahan compensation buffers (``kahan``), and the FP32 working copies
+    that the optimizer steps with ``stochastic`` and ``kahan`` (``update_workspace``: refreshed from the half
+    weights at every step, so they carry nothing across steps; a fused step would not need them). ``master``
+    is a :class:`~mixprec.master.MasterWeights`, or None outside manual mode."""
+    own = master is not None and master.params is not master.model_params  # FP32 Parameters of its own
     return {
         "weights": tensor_bytes([*model.parameters(), *model.buffers()]),
-        "master_weights": tensor_bytes(master.params) if own_master else 0,
+        "master_weights": tensor_bytes(master.master_params) if master is not None else 0,
         "grads": tensor_bytes(p.grad for p in model.parameters())
-        + (tensor_bytes(m.grad for m in master.params) if own_master else 0),
+        + (tensor_bytes(m.grad for m in master.params) if own else 0),
         "optimizer_state": tensor_bytes(v for state in optimizer.state.values() for v in state.values()
                                         if isinstance(v, torch.Tensor)),
         "activations": activations,
+        "compensation": tensor_bytes(master.compensation) if master is not None else 0,
+        "update_workspace": tensor_bytes(master.workspace) if master is not None else 0,
     }

@@ -108,9 +108,8 @@ def manual_step(model, optimizer, images, labels, *, master: MasterWeights, scal
     if not skipped:
         if clip:
             nn.utils.clip_grad_norm_(master.params, clip)  # the unscaled master gradients
-        with master.watching(optimizer, scaler.telemetry_due()):  # --no-master-weights: what rounding loses
-            optimizer.step()  # the update happens on the FP32 master weights
-        master.copy_to_model_()
+        with master.stepping(optimizer, scaler.telemetry_due()):  # after: into the model, as --master-weights says
+            optimizer.step()  # on the FP32 master weights (or working copies; the half weights with none)
     scaler.update(skipped)
     return StepOut(loss, torch.cat(logits), skipped)
 
@@ -296,7 +295,7 @@ def _amp(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.device,
 def _manual(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.device, options: dict) -> Precision:
     dtype, how = _half(cfg, device)
     warn_if_slow(how, _name(dtype), device.type)
-    master = MasterWeights(model, enabled=cfg.master_weights)  # from the FP32 weights, before rounding
+    master = MasterWeights(model, cfg.master_weights, seed=cfg.seed)  # from the FP32 weights, before rounding
     half_with_fp32_norm_(model, dtype, fp32_norm=not cfg.fp16_batchnorm)
     opt = _sgd(master.params, cfg)
     scaler = make_loss_scaler(cfg)
@@ -307,7 +306,6 @@ def _manual(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.devi
         notes.append("bfloat16 has FP32's exponent range, so loss scaling is unnecessary; the scaler ran "
                      "anyway (--loss-scale none drops it)")
     norm = "FP16" if cfg.fp16_batchnorm else "FP32"
-    weights = "FP32 master weights" if cfg.master_weights else "no master weights (updated in half)"
     arithmetic = {"emulated": "emulated tensor-core arithmetic (half operands, FP32 accumulation)",
                   "native": "native half kernels"}[how]
     if fp8 is not None:
@@ -322,7 +320,8 @@ def _manual(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.devi
     return Precision(step=step, forward=eval_forward(net, half_compute, dtype), optimizer=opt,
                      loss_scale=scaler.get_scale, half_compute=how, master=master, scaler=scaler, fp8=fp8, notes=notes,
                      telemetry=telemetry, loss_scaler=loss_scaler,
-                     description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {weights}, {arithmetic}, {scaling}")
+                     description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {master.describe()}, {arithmetic}, "
+                                 f"{scaling}")
 
 
 PRECISIONS = {"baseline": _baseline, "amp": _amp, "manual": _manual}  # mode -> its training set-up

@@ -33,7 +33,7 @@ GRID = options_with("grid")  # lr, momentum, weight_decay: several values each
 
 
 def ablation_label(cfg: RunConfig) -> str:
-    """``""``, or ``" loss_scale=none master_weights=False"``: the run's non-default ablation options, so that
+    """``""``, or ``" loss_scale=none master_weights=none"``: the run's non-default ablation options, so that
     two variants of one model, mode and seed (an ablation study) get their own label and study-logs/ file."""
     values = [(k, getattr(cfg, k)) for k in changed(cfg, "ablation")]
     return "".join(f" {k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in values)

@@ -31,6 +31,7 @@ CASES = {
     "manual": {"mode": "manual"},
     "manual-accumulate": {"mode": "manual", "accumulate": 2},
     "manual-overflow-on-rank-1": {"mode": "manual", "inject_overflow": (2,), "inject_overflow_rank": 1},
+    "manual-stochastic": {"mode": "manual", "master_weights": "stochastic"},  # every rank draws the same bits
 }
 OPTIONS = {"model": "resnet20", "epochs": 1, "batch_size": 16, "subset": 96, "test_subset": 30, "device": "cpu"}
 # trained on one batch too (one optimizer step), and compared against one process on both

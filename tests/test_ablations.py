@@ -48,11 +48,11 @@ def test_without_master_weights_small_updates_vanish():
         assert p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped is False
         return model, p
 
-    model, p = step_once(master_weights=False)
+    model, p = step_once(master_weights="none")
     assert p.master.params[0] is p.master.model_params[0]  # the optimizer owns the FP16 weights
     assert p.optimizer.param_groups[0]["params"][0].dtype == torch.float16
     assert torch.all(model.fc.weight == 1.0)  # 1 - ~1e-5 rounds back to 1 in FP16: the update is lost
-    model, p = step_once(master_weights=True)
+    model, p = step_once(master_weights="fp32")
     master_fc = p.master.params[-2]
     assert (master_fc != 1.0).float().mean() > 0.9  # the FP32 master weights keep it
 
@@ -105,3 +105,40 @@ def test_accumulation_makes_one_overflow_decision_per_optimizer_step():
 def test_meaningless_combinations_are_refused(kw, message):
     with pytest.raises(UsageError, match=message):
         tiny_cfg(**kw)
+
+
+@pytest.mark.parametrize("kind", ["stochastic", "kahan"])
+@pytest.mark.parametrize("recipe", [{}, dict(manual_dtype="bfloat16", loss_scale="none"),
+                                    dict(fp8="delayed", fp8_all_layers=True)], ids=["float16", "bfloat16", "fp8"])
+def test_stochastic_and_kahan_train_in_float16_bfloat16_and_fp8(tiny_cifar, kind, recipe):
+    """One epoch of the tiny net: the steps train, and every --telemetry-every step measures the updates
+    lost beside what nearest rounding would have lost. FP8 runs its layers' operands from the FP16 weights
+    that the rounding updates in place, so it combines with both (its layer still finds its weight)."""
+    import pandas as pd
+
+    result = train_tiny(tiny_cifar, master_weights=kind, telemetry_every=3, **recipe)
+    steps = pd.DataFrame(result.steps)
+    assert result.status == "completed" and torch.isfinite(torch.tensor(steps["loss"].to_numpy())).all()
+    measured = steps.dropna(subset=["update_lost_frac"])
+    assert list(measured["step"]) == list(range(1, len(steps) + 1, 3))
+    assert measured["update_lost_frac"].between(0, 1).all() and measured["update_lost_nearest_frac"].between(0, 1).all()
+    assert measured["decay_lost_frac"].isna().all()
+    if kind == "kahan":  # what neither the half weight nor its compensation took, nearest rounding lost too
+        assert (measured["update_lost_frac"] <= measured["update_lost_nearest_frac"]).all()
+    if recipe.get("fp8"):
+        assert result.fp8 is not None
+
+
+@pytest.mark.parametrize("kind", ["stochastic", "kahan"])
+def test_fp8_layers_keep_finding_their_weights_under_stochastic_and_kahan(kind):
+    from mixprec.config import RunConfig
+    from tests.conftest import ThreeLayerNet
+
+    model = ThreeLayerNet()
+    cfg = RunConfig(mode="manual", model="three", device="cpu", master_weights=kind, fp8="current")
+    p = setup_precision(cfg, model, CPU)
+    weight = model.mid.weight
+    before = weight.detach().clone()
+    assert not p.step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))).skipped
+    assert model.mid.weight is weight and p.fp8.layer_for(weight) is not None and weight.dtype == torch.float16
+    assert not torch.equal(weight.detach(), before)  # it moved, in place

@@ -86,3 +86,34 @@ def test_the_parser_has_every_field_with_its_default_and_shows_only_real_default
     text = parser.format_help()
     assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
     assert "(default: ())" not in text and "(default: 0.1)" in text
+
+
+@pytest.mark.parametrize("saved, expected", [(True, "fp32"), (False, "none"), ("kahan", "kahan"), (None, "fp32")])
+def test_a_config_from_before_master_weights_had_kinds_reads_as_fp32_or_none(saved, expected):
+    """Runs made before --master-weights wrote master_weights true or false (--no-master-weights)."""
+    old = {"mode": "manual", "model": "resnet20"} | ({} if saved is None else {"master_weights": saved})
+    assert config.config_from_json(old).master_weights == expected
+    assert config.upgrade(old).get("master_weights", "fp32") == expected
+
+
+def test_master_weights_takes_its_four_kinds_and_the_old_flag_says_what_it_is_now(capsys):
+    for kind in config.MASTER_WEIGHTS:
+        cfg = config.parse_args(["--mode", "manual", "--model", "resnet20", "--master-weights", kind])
+        assert cfg.master_weights == kind
+    for argv, message in ((["--master-weights", "fp16"], "invalid choice: 'fp16'"),
+                          (["--no-master-weights"], "--no-master-weights is now --master-weights none")):
+        with pytest.raises(SystemExit) as stopped:
+            config.parse_args(["--mode", "manual", "--model", "resnet20", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("kind", ["stochastic", "kahan"])
+def test_the_new_kinds_are_manual_mode_ablations_and_combine_with_bfloat16_and_fp8(kind):
+    for mode in ("baseline", "amp"):
+        with pytest.raises(UsageError, match="^--master-weights is an ablation of manual mode"):
+            RunConfig(mode=mode, model="resnet20", master_weights=kind)
+    for other in (dict(manual_dtype="bfloat16"), dict(fp8="delayed"), dict(fp8="current"), dict(fp16_batchnorm=True)):
+        assert RunConfig(mode="manual", model="resnet20", master_weights=kind, **other).master_weights == kind
+    with pytest.raises(UsageError, match="unknown --master-weights True"):
+        RunConfig(mode="manual", model="resnet20", master_weights=True)  # the old boolean, from code

@@ -48,3 +48,32 @@ def test_peak_memory_is_the_cuda_allocators(gpu):
     dev.reset_peak_memory(gpu)
     x = torch.empty(2**20, device=gpu)  # 4 MiB
     assert dev.peak_memory_bytes(gpu) >= x.numel() * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_on_the_gpu_is_unbiased_and_reproducible_from_its_seed(gpu, dtype):
+    from mixprec.master import stochastic_round
+
+    x = torch.full((1_000_000,), 1 + 2**-12, device=gpu)
+    one, again = (stochastic_round(x, dtype, torch.Generator(device=gpu).manual_seed(0)) for _ in range(2))
+    assert torch.equal(one, again) and one.device.type == "cuda"
+    lo, hi = 1.0, torch.nextafter(torch.ones((), dtype=dtype), torch.tensor(2.0, dtype=dtype)).item()
+    p = (x[0].item() - lo) / (hi - lo)
+    assert abs(one.double().mean().item() - x[0].item()) < 5 * (hi - lo) * (p * (1 - p) / x.numel()) ** 0.5
+
+
+@pytest.mark.parametrize("kind", ["stochastic", "kahan"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stochastic_and_kahan_train_resnet18_on_the_gpu(gpu, kind, dtype):
+    """Native half kernels, the rounding on the GPU (its generator there too): the same batch is fitted."""
+    torch.manual_seed(0)
+    model = build_model("resnet18").to(gpu)
+    p = setup_precision(RunConfig(mode="manual", model="resnet18", device="cuda", master_weights=kind,
+                                  manual_dtype=dtype), model, gpu)
+    assert p.half_compute == "native" and all(t.is_cuda for t in p.master.params)
+    if kind == "stochastic":
+        assert p.master.generator.device.type == "cuda"
+    x, y = torch.randn(32, 3, 32, 32, device=gpu), torch.randint(0, 10, (32,), device=gpu)
+    losses = [p.step(x, y).loss.item() for _ in range(5)]
+    assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0]
+    assert len(p.master.state_dict()) == 1  # the generator's state, or the compensation buffers

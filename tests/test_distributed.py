@@ -59,8 +59,11 @@ def test_ranks_end_with_identical_weights(two_ranks, case):
     assert rank0["model"].keys() == rank1["model"].keys()
     for name in rank0["model"]:  # parameters and BatchNorm statistics alike
         assert torch.equal(rank0["model"][name], rank1["model"][name]), name
-    if rank0["master"] is not None:
-        assert all(torch.equal(a, b) for a, b in zip(rank0["master"], rank1["master"], strict=True))
+    master0, master1 = rank0["master"], rank1["master"]
+    if isinstance(master0, dict):  # --master-weights stochastic: the generator's state
+        assert torch.equal(master0["generator"], master1["generator"])
+    elif master0 is not None:
+        assert all(torch.equal(a, b) for a, b in zip(master0, master1, strict=True))
     assert [s["loss"] for s in rank0["steps"]] == [s["loss"] for s in rank1["steps"]]
     assert rank0["test"] == rank1["test"]  # one gathered evaluation
 

@@ -1,9 +1,13 @@
 import pytest
+import torch
 
 from mixprec.config import RunConfig
 from mixprec.data import load_cifar10, make_splits
+from mixprec.memory import breakdown
 from mixprec.models import build_model, count_params
+from mixprec.steps import setup_precision
 from mixprec.train import train
+from tests.conftest import CPU, TinyNet, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +23,37 @@ def breakdowns(tiny_cifar):
 def test_breakdown_by_role_on_a_real_step(breakdowns):
     params = count_params(build_model("resnet20"))
     base, manual = breakdowns["baseline"], breakdowns["manual"]
-    assert set(base) == {"weights", "master_weights", "grads", "optimizer_state", "activations"}
+    assert set(base) == {"weights", "master_weights", "grads", "optimizer_state", "activations", "compensation",
+                         "update_workspace"}
     assert base["master_weights"] == 0 and manual["master_weights"] == 4 * params
+    assert base["compensation"] == manual["compensation"] == base["update_workspace"] == manual["update_workspace"] == 0
     assert base["optimizer_state"] == manual["optimizer_state"] == 4 * params  # FP32 momentum buffers
     assert base["grads"] == 4 * params
     assert 2 * params < manual["weights"] < base["weights"]  # FP16 but for the FP32 BatchNorm layers
     assert manual["grads"] == manual["weights"] - _buffer_bytes() + 4 * params  # half grads + FP32 master grads
+
+
+@pytest.mark.parametrize("kind", ["fp32", "none", "stochastic", "kahan"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_each_master_weights_kind_shows_what_it_keeps(kind, dtype, tiny_models):
+    """FP32 master copies (4 bytes a parameter) with fp32; a half compensation buffer per half parameter (2
+    bytes) with kahan; nothing with stochastic and none. stochastic and kahan step FP32 working copies, shown
+    apart, with FP32 gradients and momentum as fp32 has; none steps the half weights, with half momentum."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    p = setup_precision(tiny_cfg(master_weights=kind, manual_dtype=dtype, loss_scale="none"), model, CPU)
+    out = p.step(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    assert not out.skipped
+    mem = breakdown(model, p.master, p.optimizer, 0)
+    params = sum(t.numel() for t in model.parameters())
+    half = sum(t.numel() for t in model.parameters() if t.dtype != torch.float32)  # BatchNorm's stay FP32
+    model_grads = sum(t.numel() * t.element_size() for t in model.parameters())
+    fp32_copies = kind in ("fp32", "stochastic", "kahan")
+    assert mem["master_weights"] == (4 * params if kind == "fp32" else 0)
+    assert mem["compensation"] == (2 * half if kind == "kahan" else 0)
+    assert mem["update_workspace"] == (4 * params if kind in ("stochastic", "kahan") else 0)
+    assert mem["grads"] == model_grads + (4 * params if fp32_copies else 0)
+    assert mem["optimizer_state"] == (4 * params if fp32_copies else model_grads)  # momentum, as the weights it steps
 
 
 def _buffer_bytes():

@@ -29,6 +29,7 @@ from mixprec.report import (
     make_report,
     time_to_accuracy_figure,
 )
+from mixprec.report.figures import memory_figure
 from mixprec.results import write_csv, write_json
 from mixprec.run import summary
 from mixprec.train import RunResult
@@ -634,7 +635,7 @@ def test_lost_updates_figure_draws_both_fractions_per_seed_beside_the_lr_and_onl
     make_run(tmp_path, "masters", mode="manual")
     assert lost_updates_figure(group_runs(load_results(tmp_path)[0])) is None
     for seed in (0, 1):
-        run = make_run(tmp_path, f"nomw{seed}", mode="manual", seed=seed, master_weights=False)
+        run = make_run(tmp_path, f"nomw{seed}", mode="manual", seed=seed, master_weights="none")
         steps = pd.read_csv(run / "steps.csv")
         steps["update_lost_frac"], steps["decay_lost_frac"] = [0.1, None, 0.3, 0.5 + seed / 10], [1.0] * 4
         write_csv(run / "steps.csv", steps)
@@ -642,8 +643,48 @@ def test_lost_updates_figure_draws_both_fractions_per_seed_beside_the_lr_and_onl
     lost, lr = fig.axes
     assert [line.get_ydata().tolist() for line in lost.lines] == [[10, 30, 50], [100] * 3, [10, 30, 60], [100] * 3]
     assert [line.get_label() for line in lost.lines][:2] == [
-        "resnet20 / manual (master_weights=False): updates lost", "resnet20 / manual (master_weights=False): weight "
+        "resnet20 / manual (master_weights=none): updates lost", "resnet20 / manual (master_weights=none): weight "
         "decays lost"] and len(lr.lines) == 2 and lost.get_ylim() == (0, 105)
+
+
+def test_lost_updates_figure_draws_what_nearest_rounding_would_lose_beside_stochastic_and_kahan(tmp_path):
+    for kind in ("stochastic", "kahan"):
+        run = make_run(tmp_path, kind, mode="manual", master_weights=kind)
+        steps = pd.read_csv(run / "steps.csv")
+        steps["update_lost_frac"], steps["decay_lost_frac"] = [0.1, None, 0.2, 0.3], None
+        steps["update_lost_nearest_frac"] = [0.9, None, 0.95, 1.0]
+        write_csv(run / "steps.csv", steps)
+    lost, _ = lost_updates_figure(group_runs(load_results(tmp_path)[0])).axes
+    assert sorted(line.get_label() for line in lost.lines) == [
+        "resnet20 / manual (master_weights=kahan): updates lost",
+        "resnet20 / manual (master_weights=kahan): updates nearest rounding would lose",
+        "resnet20 / manual (master_weights=stochastic): updates lost",
+        "resnet20 / manual (master_weights=stochastic): updates nearest rounding would lose"]  # no decay: not measured
+    assert [line.get_ydata().tolist() for line in lost.lines][:2] == [[10, 20, 30], [90, 95, 100]]
+
+
+def test_memory_figure_draws_compensation_and_workspace_only_where_a_group_holds_them(tmp_path):
+    make_run(tmp_path, "masters", mode="manual")
+    legend = lambda: [t.get_text() for t in memory_figure(group_runs(load_results(tmp_path)[0])).legends[0].texts]
+    assert legend()[:5] == ["weights", "master weights", "grads", "optimizer state", "activations"]
+    assert "compensation" not in legend() and "update workspace" not in legend()
+    kahan = make_run(tmp_path, "kahan", mode="manual", master_weights="kahan")
+    summary_json = json.loads((kahan / "summary.json").read_text())
+    summary_json["memory"] |= {"master_weights": 0, "compensation": MIB, "update_workspace": 2 * MIB}
+    write_json(kahan / "summary.json", summary_json)
+    assert legend()[5:7] == ["compensation", "update workspace"]
+
+
+def test_a_run_from_before_master_weights_had_kinds_is_grouped_as_none(tmp_path):
+    """Runs made before --master-weights wrote master_weights false; the report reads them as none."""
+    make_run(tmp_path, "new", mode="manual", master_weights="none", seed=0)
+    old = make_run(tmp_path, "old", mode="manual", seed=1)
+    config = json.loads((old / "config.json").read_text())
+    write_json(old / "config.json", {**config, "master_weights": False})
+    masters = make_run(tmp_path, "masters", mode="manual", seed=2)
+    write_json(masters / "config.json", {**json.loads((masters / "config.json").read_text()), "master_weights": True})
+    groups = group_runs(load_results(tmp_path)[0])
+    assert sorted((g.short, g.n) for g in groups) == [("manual", 1), ("manual (master_weights=none)", 2)]
 
 
 def test_runs_named_in_timings_excluded_count_for_accuracy_but_not_for_time(tmp_path, capsys):

@@ -166,3 +166,50 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step(tiny_cifar):
     assert drop(full.epochs) == drop(resumed.epochs)
     pd.testing.assert_frame_equal(pd.DataFrame(full.steps), pd.DataFrame(resumed.steps))
     assert full.test == resumed.test and full.train_images == resumed.train_images
+
+
+@pytest.mark.parametrize("kind", ["stochastic", "kahan"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stochastic_and_kahan_runs_stopped_mid_epoch_resume_bit_identical(tiny_cifar, tiny_models, kind, dtype):
+    """--master-weights stochastic and kahan under --deterministic: stopped after epoch 2's second step and
+    resumed from that checkpoint, the run ends with the same half weights, compensation buffers or rounding
+    generator, optimizer state and steps.csv rows as one that ran straight through."""
+    import io
+
+    from mixprec.data import load_cifar10, make_splits
+    from mixprec.train import train
+
+    splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
+    cfg = RunConfig(mode="manual", model="tiny", epochs=2, batch_size=40, device="cpu", telemetry_every=2,
+                    master_weights=kind, manual_dtype=dtype, deterministic=True)
+
+    def run(**kw):
+        saved = {}
+
+        def on_epoch(result, state, improved):
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            buf.seek(0)
+            saved["checkpoint"] = torch.load(buf, weights_only=True)
+
+        return train(cfg, splits, on_epoch=on_epoch, log=lambda msg: None, **kw), saved["checkpoint"]
+
+    full, end = run()
+    # checks: before epoch 1, its 4 steps (of 40 of the 180 training images), before epoch 2, epoch 2's steps
+    # 1 and 2 -> stop after step 2
+    cut, mid = run(stop=StopAfter(8))
+    assert cut.status == "interrupted" and mid["partial_epoch"]["steps_done"] == 2
+    assert mid["master"] is not None and end["master"] is not None
+    resumed, end2 = run(resume=mid)
+    assert resumed.status == "completed"
+    for key in end["model"]:
+        assert torch.equal(end["model"][key], end2["model"][key]), key
+    if kind == "kahan":
+        assert all(torch.equal(a, b) for a, b in zip(end["master"]["compensation"], end2["master"]["compensation"],
+                                                       strict=True))
+        assert any(c.any() for c in end["master"]["compensation"])  # it carried something
+    else:
+        assert torch.equal(end["master"]["generator"], end2["master"]["generator"])
+    assert str(end["optimizer"]) == str(end2["optimizer"])
+    pd.testing.assert_frame_equal(pd.DataFrame(full.steps), pd.DataFrame(resumed.steps))
+    assert pd.DataFrame(full.steps)["update_lost_nearest_frac"].notna().sum() > 0

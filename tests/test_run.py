@@ -46,7 +46,8 @@ def _check_run_dir(run: Path, mode: str, classes: int = 10, epochs: int = 1) -> 
         assert s.params == count_params(build_model(s.model, num_classes=classes))
     steps_run = len(pd.read_csv(run / "steps.csv"))
     assert s.warmup_steps == 20 and (s.images_per_s is None) == (steps_run <= 20)  # all warm-up: no figure
-    assert set(s.memory) == {"weights", "master_weights", "grads", "optimizer_state", "activations"}
+    assert set(s.memory) == {"weights", "master_weights", "grads", "optimizer_state", "activations", "compensation",
+                             "update_workspace"}
     assert (s.memory["master_weights"] > 0) == (mode == "manual") and s.memory["activations"] > 0
     if mode == "baseline":
         assert s.skipped_steps is None and s.final_loss_scale is None

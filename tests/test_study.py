@@ -32,8 +32,9 @@ def test_plan_runs_every_combination_seeds_slowest_with_shared_options_passed_on
     assert argv[argv.index("--out") + 1] == "somewhere"
     _, single = plan(["--models", "resnet20", "--modes", "amp"])
     assert [c.label for c in single] == ["resnet20 amp seed 0"]  # no grid: no grid suffix
-    _, ablation = plan(["--models", "resnet20", "--modes", "manual", "--loss-scale", "none", "--no-master-weights"])
-    assert [c.label for c in ablation] == ["resnet20 manual seed 0 loss_scale=none master_weights=False"]
+    _, ablation = plan(["--models", "resnet20", "--modes", "manual", "--loss-scale", "none",
+                        "--master-weights", "none"])
+    assert [c.label for c in ablation] == ["resnet20 manual seed 0 loss_scale=none master_weights=none"]
     _, fp8 = plan(["--models", "resnet20", "--modes", "manual", "--fp8", "current",
                    "--inject-overflow", "3,5"])
     assert [c.label for c in fp8] == ["resnet20 manual seed 0 inject_overflow=3,5 fp8=current"]  # a log file each
@@ -91,6 +92,26 @@ def test_study_skips_completed_resumes_interrupted_and_records_failures(tiny_cif
     assert [c["status"] for c in study["combinations"]] == ["failed", "failed"]
     assert all("--subset 100000" in c["error"] for c in study["combinations"])
 
+
+
+@pytest.mark.parametrize("old, argv", [(False, ["--master-weights", "none"]), (True, [])])
+def test_a_run_made_with_the_old_master_weights_flag_counts_as_done(tmp_path, old, argv):
+    """Runs made before --master-weights say master_weights false (--no-master-weights) or true in config.json:
+    the study finds them as the runs of --master-weights none and of the default fp32."""
+    from dataclasses import asdict
+
+    from mixprec.config import RunConfig
+    from mixprec.study import find_run
+
+    combo, = plan(["--models", "resnet20", "--modes", "manual", "--out", str(tmp_path), *argv])[1]
+    run = tmp_path / "runs" / "resnet20-manual-s0-old"
+    run.mkdir(parents=True)
+    write_json(run / "config.json", {**asdict(RunConfig(mode="manual", model="resnet20", out=str(tmp_path))),
+                                     "master_weights": old})
+    write_json(run / "summary.json", {"status": "completed"})
+    assert find_run(str(tmp_path), combo.argv) == (run, "completed")
+    other, = plan(["--models", "resnet20", "--modes", "manual", "--out", str(tmp_path), "--master-weights", "kahan"])[1]
+    assert find_run(str(tmp_path), other.argv) is None
 
 CHILD = """
 import signal, sys

@@ -117,7 +117,7 @@ def test_checkpoints_from_before_the_protocol_still_resume(tiny_cifar):
     """A partial epoch saved with one dict per source (grad_stats, fp8_stats, update_stats) resumes to the
     same steps.csv rows as an uninterrupted run, its measured steps included."""
     splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
-    cfg = _cfg(mode="manual", master_weights=False, telemetry_every=2, deterministic=True)
+    cfg = _cfg(mode="manual", master_weights="none", telemetry_every=2, deterministic=True)
     full, _ = _train(cfg, splits)
     cut, mid = _train(cfg, splits, stop=StopAfter(4))  # after step 3, the second measured one
     partial = mid["partial_epoch"]

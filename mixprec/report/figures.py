@@ -15,7 +15,9 @@ from .groups import Group
 from .runs import UNTIMED, Run, as_float
 from .tables import MIB
 
-MEMORY_ROLES = ("weights", "master_weights", "grads", "optimizer_state", "activations")
+MEMORY_ROLES = ("weights", "master_weights", "grads", "optimizer_state", "activations", "compensation",
+                "update_workspace")  # memory.breakdown's, in the figure's order (runs before a role lack it: 0)
+SOMETIMES_HELD = ("compensation", "update_workspace")  # --master-weights kahan's and stochastic's: drawn where held
 DPI = 150
 
 
@@ -222,9 +224,9 @@ def _scaler_name(group: Group) -> str:
 
 
 def memory_means(group: Group) -> dict[str, float]:
-    """Mean MiB per memory role over the runs that measured it (0 where none did)."""
+    """Mean MiB per memory role over the runs that measured it (0 where none did, or for a role a run predates)."""
     measured = [r.summary.get("memory") for r in group.runs if isinstance(r.summary.get("memory"), dict)]
-    return {role: float(np.mean([as_float(m.get(role)) for m in measured])) / MIB if measured else 0.0
+    return {role: float(np.mean([as_float(m.get(role, 0)) for m in measured])) / MIB if measured else 0.0
             for role in MEMORY_ROLES}
 
 
@@ -237,6 +239,8 @@ def memory_figure(groups: list[Group]):
     means = [memory_means(g) for g in groups]
     for i, role in enumerate(MEMORY_ROLES):
         widths = np.array([m[role] for m in means])
+        if role in SOMETIMES_HELD and not widths.any():
+            continue
         ax_roles.barh(y, widths, left=left, color=f"C{i}", label=role.replace("_", " "))
         left += widths
     ax_roles.set_yticks(y, [g.title for g in groups], fontsize=8)
@@ -301,22 +305,25 @@ def fp8_figure(groups: list[Group]):
 
 
 def lost_updates_figure(groups: list[Group]):
-    """Without master weights: the fraction of nonzero SGD updates and of weight decays that rounding to the
+    """Without FP32 master weights: the fraction of nonzero SGD updates and of weight decays that rounding to the
     weights' precision swallowed, per measured step, one line per seed, with the learning rate on a second
-    axis (the lost fraction grows as the lr falls). None when no group measured it."""
-    lossy = [g for g in groups if measured(g, "update_lost_frac")]  # --no-master-weights
+    axis (the lost fraction grows as the lr falls); with stochastic rounding or Kahan compensation, what
+    rounding the same updates to nearest would have lost beside it. None when no group measured it."""
+    lossy = [g for g in groups if measured(g, "update_lost_frac")]  # --master-weights none, stochastic, kahan
     if not lossy:
         return None
     fig = _figure(8.0, 4.2)
     ax = fig.subplots()
     lr_axis = ax.twinx()
+    lines = (("update_lost_frac", "-", "updates lost"), ("decay_lost_frac", ":", "weight decays lost"),
+             ("update_lost_nearest_frac", "-.", "updates nearest rounding would lose"))
     for i, g in enumerate(lossy):
         for k, run in enumerate(r for r in g.runs if r.steps is not None and "update_lost_frac" in r.steps):
             steps = run.steps.dropna(subset=["update_lost_frac"])
-            ax.plot(steps["step"], 100 * steps["update_lost_frac"], color=f"C{i % 10}", lw=1,
-                    label=f"{g.title}: updates lost" if k == 0 else None)
-            ax.plot(steps["step"], 100 * steps["decay_lost_frac"], color=f"C{i % 10}", lw=1, ls=":",
-                    label=f"{g.title}: weight decays lost" if k == 0 else None)
+            for column, style, what in lines:
+                if column in steps and steps[column].notna().any():
+                    ax.plot(steps["step"], 100 * steps[column], color=f"C{i % 10}", lw=1, ls=style,
+                            label=f"{g.title}: {what}" if k == 0 else None)
             lr_axis.plot(run.steps["step"], run.steps["lr"], color="0.5", lw=0.8, ls="--",
                          label="learning rate" if i == k == 0 else None)
     ax.set_ylim(0, 105)
@@ -347,10 +354,13 @@ CAPTIONS = {
                "of elements saturated (where a plain cast would have overflowed), the fraction flushed to zero "
                "(nonzero in, zero out), over all FP8 layers, and the geometric mean of their scales, for weights "
                "and activations (E4M3) and output gradients (E5M2, which include the loss scale).",
-    "lost_updates.png": "Without master weights (--no-master-weights), at the measured steps: the percentage of "
-                        "nonzero SGD updates for which w - lr * d rounded back to w in the weights' precision "
-                        "(solid), and of nonzero weights whose weight decay alone, w * (1 - lr * wd), rounded "
-                        "back to w (dotted), with the learning rate (dashed, right axis); one line per seed.",
+    "lost_updates.png": "Without FP32 master weights (--master-weights none, stochastic, kahan), at the measured "
+                        "steps: the percentage of nonzero SGD updates for which w - lr * d rounded back to w in the "
+                        "weights' precision (solid; with kahan, where neither the weight nor its compensation "
+                        "moved), and with none of nonzero weights whose weight decay alone, w * (1 - lr * wd), "
+                        "rounded back to w (dotted); with stochastic and kahan, the percentage that rounding the "
+                        "same updates to nearest would have lost (dash-dotted); with the learning rate (dashed, "
+                        "right axis); one line per seed.",
 }
 
 
