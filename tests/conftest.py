@@ -85,6 +85,24 @@ def train_tiny(tiny_cifar, **kw):
     return train(tiny_cfg(**kw), splits, log=lambda msg: None)
 
 
+def train_keeping_checkpoint(cfg, splits, **kw):
+    """``mixprec.train.train`` of ``cfg``, silent, and the last checkpoint it handed ``on_epoch``, through bytes as
+    a checkpoint file is (so that only what torch.save keeps survives)."""
+    import io
+
+    from mixprec.train import train
+
+    saved = {}
+
+    def on_epoch(result, state, improved):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        saved["checkpoint"] = torch.load(buf, weights_only=True)
+
+    return train(cfg, splits, on_epoch=on_epoch, log=lambda msg: None, **kw), saved["checkpoint"]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch, request):
     """Synthetic-data tests cache into their own tmp dir; real-data tests share the user's cache."""

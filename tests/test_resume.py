@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ import torch
 
 from mixprec.config import RunConfig
 from mixprec.run import main
+from tests.conftest import train_keeping_checkpoint
 
 EPOCHS = 4
 
@@ -134,25 +136,12 @@ class StopAfter:
 def test_a_run_stopped_mid_epoch_resumes_from_that_step(tiny_cifar):
     """Bit for bit: the full, the stopped and the resumed run train in this one process, one after the other,
     with the same kernels and thread count."""
-    import io
-
     from mixprec.data import load_cifar10, make_splits
-    from mixprec.train import train
 
     splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
     cfg = RunConfig(mode="manual", model="resnet20", epochs=3, batch_size=32, device="cpu", telemetry_every=2)
 
-    def run(**kw):
-        saved = {}
-
-        def on_epoch(result, state, improved):  # through bytes, as a checkpoint file would be
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            buf.seek(0)
-            saved["checkpoint"] = torch.load(buf, weights_only=True)
-
-        return train(cfg, splits, on_epoch=on_epoch, log=lambda msg: None, **kw), saved["checkpoint"]
-
+    run = partial(train_keeping_checkpoint, cfg, splits)
     full, end = run()
     # checks: before epoch 1, its 5 steps, before epoch 2, epoch 2's steps 1 and 2 -> stop after step 2
     cut, mid = run(stop=StopAfter(9))
@@ -174,26 +163,13 @@ def test_stochastic_and_kahan_runs_stopped_mid_epoch_resume_bit_identical(tiny_c
     """--master-weights stochastic and kahan under --deterministic: stopped after epoch 2's second step and
     resumed from that checkpoint, the run ends with the same half weights, compensation buffers or rounding
     generator, optimizer state and steps.csv rows as one that ran straight through."""
-    import io
-
     from mixprec.data import load_cifar10, make_splits
-    from mixprec.train import train
 
     splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
     cfg = RunConfig(mode="manual", model="tiny", epochs=2, batch_size=40, device="cpu", telemetry_every=2,
                     master_weights=kind, manual_dtype=dtype, deterministic=True)
 
-    def run(**kw):
-        saved = {}
-
-        def on_epoch(result, state, improved):
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            buf.seek(0)
-            saved["checkpoint"] = torch.load(buf, weights_only=True)
-
-        return train(cfg, splits, on_epoch=on_epoch, log=lambda msg: None, **kw), saved["checkpoint"]
-
+    run = partial(train_keeping_checkpoint, cfg, splits)
     full, end = run()
     # checks: before epoch 1, its 4 steps (of 40 of the 180 training images), before epoch 2, epoch 2's steps
     # 1 and 2 -> stop after step 2

@@ -1,7 +1,6 @@
 """The telemetry protocol: sources name their columns, the loop carries them without knowing them, and
 checkpoints from before the protocol still resume."""
 
-import io
 import math
 
 import pandas as pd
@@ -18,7 +17,7 @@ from mixprec.scaler import COLUMNS as GRAD_COLUMNS
 from mixprec.scaler import GradientTelemetry
 from mixprec.steps import Precision
 from mixprec.telemetry import Telemetry
-from mixprec.train import train
+from tests.conftest import train_keeping_checkpoint
 
 STEPS_CSV_STATS = [*GRAD_COLUMNS, *FP8_COLUMNS, *UPDATE_COLUMNS]  # steps.csv's order, as the report reads it
 
@@ -32,19 +31,6 @@ class StopAfter:
     def is_set(self) -> bool:
         self.calls += 1
         return self.calls >= self.n
-
-
-def _train(cfg: RunConfig, splits, **kw):
-    """``train``, and the last checkpoint it handed ``on_epoch``, through bytes as a checkpoint file is."""
-    saved = {}
-
-    def on_epoch(result, state, improved):
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        buf.seek(0)
-        saved["checkpoint"] = torch.load(buf, weights_only=True)
-
-    return train(cfg, splits, on_epoch=on_epoch, log=lambda msg: None, **kw), saved["checkpoint"]
 
 
 def _cfg(**kw) -> RunConfig:
@@ -95,7 +81,7 @@ def test_a_new_statistic_is_one_class_and_reaches_steps_csv_and_checkpoints(tiny
 
     monkeypatch.setitem(steps.PRECISIONS, "baseline", baseline_with_weights)
     cfg = _cfg(mode="baseline")
-    full, _ = _train(cfg, splits)
+    full, _ = train_keeping_checkpoint(cfg, splits)
     rows = pd.DataFrame(full.steps)
     assert list(rows.columns) == ["step", "epoch", "loss", "lr", "loss_scale", "skipped", *STEPS_CSV_STATS,
                                   "weight_max_abs", "weight_zero_frac"]
@@ -105,11 +91,11 @@ def test_a_new_statistic_is_one_class_and_reaches_steps_csv_and_checkpoints(tiny
     final = max(p.detach().abs().max().item() for p in sources[-1].params)
     assert rows.weight_max_abs.iloc[-1] == final
 
-    cut, mid = _train(cfg, splits, stop=StopAfter(3))  # checks: before the epoch, after step 1, after step 2
+    cut, mid = train_keeping_checkpoint(cfg, splits, stop=StopAfter(3))  # checks: before the epoch, after step 1, after step 2
     assert cut.status == "interrupted" and mid["partial_epoch"]["steps_done"] == 2
     assert sorted(mid["partial_epoch"]["stats"]) == [0, 1]
     assert all(set(s) == {"weights"} for s in mid["partial_epoch"]["stats"].values())
-    resumed, _ = _train(cfg, splits, resume=mid)
+    resumed, _ = train_keeping_checkpoint(cfg, splits, resume=mid)
     pd.testing.assert_frame_equal(pd.DataFrame(resumed.steps), rows)
 
 
@@ -118,14 +104,14 @@ def test_checkpoints_from_before_the_protocol_still_resume(tiny_cifar):
     same steps.csv rows as an uninterrupted run, its measured steps included."""
     splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
     cfg = _cfg(mode="manual", master_weights="none", telemetry_every=2, deterministic=True)
-    full, _ = _train(cfg, splits)
-    cut, mid = _train(cfg, splits, stop=StopAfter(4))  # after step 3, the second measured one
+    full, _ = train_keeping_checkpoint(cfg, splits)
+    cut, mid = train_keeping_checkpoint(cfg, splits, stop=StopAfter(4))  # after step 3, the second measured one
     partial = mid["partial_epoch"]
     stats = partial.pop("stats")
     assert sorted(stats) == [0, 2] and all(set(s) == {"grad_stats", "update_stats"} for s in stats.values())
     for key in telemetry.LEGACY_KEYS:  # as the loop saved them before
         partial[key] = {step: s[key] for step, s in stats.items() if key in s}
-    resumed, _ = _train(cfg, splits, resume=mid)
+    resumed, _ = train_keeping_checkpoint(cfg, splits, resume=mid)
     rows = pd.DataFrame(resumed.steps)
     pd.testing.assert_frame_equal(rows, pd.DataFrame(full.steps))
     assert rows.loc[[0, 2], [*GRAD_COLUMNS, *UPDATE_COLUMNS]].notna().all().all()  # from the old keys

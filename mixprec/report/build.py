@@ -90,26 +90,18 @@ def make_report(root: Path, out: Path | None = None) -> str:
         out.mkdir(parents=True, exist_ok=True)
         groups = group_runs(runs)
         sections = write_tables(out, groups)
-        try:
-            inference = inference_table(root)
-        except BadRun as e:
-            print(f"{PROG}: warning: no inference table: {e}", file=sys.stderr)
-            inference = None
-        if inference is not None:
-            sections["inference"] = inference_markdown(inference)
-            write_text(out / "inference.md", sections["inference"])
-        else:  # an earlier report's table would contradict this one
-            (out / "inference.md").unlink(missing_ok=True)
-        try:
-            steps = step_bench_table(root)
-        except BadRun as e:
-            print(f"{PROG}: warning: no training-step table: {e}", file=sys.stderr)
-            steps = None
-        if steps is not None:
-            sections[STEP_BENCH_TABLE] = step_bench_markdown(steps)
-            write_text(out / f"{STEP_BENCH_TABLE}.md", sections[STEP_BENCH_TABLE])
-        else:
-            (out / f"{STEP_BENCH_TABLE}.md").unlink(missing_ok=True)
+        for name, what, read, markdown in (("inference", "inference", inference_table, inference_markdown),
+                                           (STEP_BENCH_TABLE, "training-step", step_bench_table, step_bench_markdown)):
+            try:  # a benchmark's table, from its CSVs under root, when there are any
+                frame = read(root)
+            except BadRun as e:
+                print(f"{PROG}: warning: no {what} table: {e}", file=sys.stderr)
+                frame = None
+            if frame is not None:
+                sections[name] = markdown(frame)
+                write_text(out / f"{name}.md", sections[name])
+            else:  # an earlier report's table would contradict this one
+                (out / f"{name}.md").unlink(missing_ok=True)
         figures = write_figures(out, groups)
         write_text(out / "report.md", report_markdown(root, runs, groups, excluded, sections, figures))
     except OSError as e:
