@@ -20,7 +20,7 @@ import warnings
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 
-from .cli import OneLineParser, UsageError
+from .cli import OneLineParser, UsageError, did_you_mean
 from .models import MODELS, has_pretrained
 
 MODES = ("baseline", "amp", "manual")
@@ -235,7 +235,8 @@ class RunConfig:
         for f in fields(self):
             value, allowed = getattr(self, f.name), f.metadata["argparse"].get("choices")
             if allowed is not None and value not in allowed:
-                raise UsageError(f"unknown {option_name(f.name)} {value!r}: choose one of {', '.join(allowed)}")
+                flag = option_name(f.name)
+                raise UsageError(f"unknown {flag} {value!r}; {did_you_mean(value, allowed, flag)}")
             check = f.metadata["check"]
             if check is not None and value is not None and not CHECKS[check][0](value):
                 raise UsageError(f"{option_name(f.name)} must be {CHECKS[check][1]}, got {value!r}")

@@ -48,6 +48,8 @@ def test_plan_runs_every_combination_seeds_slowest_with_shared_options_passed_on
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--models", "resnet20", "--modes", "baseline", "--loss-scale", "none"], "an ablation of manual mode"),
     (["--models", "nope"], "invalid choice: 'nope'"),
+    (["--models", "resnet20", "resnet81"], "invalid choice: 'resnet81'; did you mean resnet18? (give it as --models "
+                                           "resnet18)"),
     pytest.param(["--device", "cuda"], "--device cuda was asked for but",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
