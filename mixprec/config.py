@@ -228,7 +228,7 @@ class RunConfig:
                         "default, so that baseline is true FP32 (summary.json records whether TF32 was on)")
     compile: bool = option(False, roles="training", group="run",
                            help="torch.compile the model (the first steps then include compilation; images_per_s "
-                           "excludes the first 20)")
+                           "leaves out the first epoch's first steps: up to 20, summary.json's warmup_steps)")
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
