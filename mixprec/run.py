@@ -130,7 +130,7 @@ def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: St
         log(f"run directory {run_dir}")
     else:
         run_dir = log.run_dir = resume_dir
-        log(f"resuming {run_dir} from its checkpoint after epoch {checkpoint['epoch']}")
+        log(f"resuming {run_dir} from its checkpoint {ckpt.position(checkpoint, cfg.epochs)}")
 
     def save_progress(result, state: dict, improved: bool):
         if result.epochs:

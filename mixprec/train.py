@@ -369,7 +369,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         + (f" x {world} processes ({cfg.batch_size // world} images each per step)" if world > 1 else "")
         + f"; {len(splits.train[1])} train / "
         f"{len(splits.val[1])} val / {len(splits.test[1])} test images"
-        + (f"; resuming after epoch {start_epoch}" if resume is not None else ""))
+        + (f"; resuming {checkpoint.position(resume, cfg.epochs)}" if resume is not None else ""))
     if on_epoch and resume is None:
         on_epoch(result, checkpoint.save(loop, 0), False)  # so that an interruption in epoch 1 has a checkpoint too
 
