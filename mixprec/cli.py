@@ -20,8 +20,8 @@ class UsageError(Exception):
 
 def did_you_mean(value, choices, flag: str) -> str:
     """The hint for ``value``, which is not one of ``choices`` of option ``flag``: the closest choices
-    (difflib.get_close_matches, keeping those about as close as the closest) and the fix. A short list of choices is named in full; a long one (the models)
-    is left to ``--help``.
+    (difflib.get_close_matches, keeping those about as close as the closest) and the fix. A short list of
+    choices is named in full; a long one (the models) is left to ``--help``.
 
     >>> did_you_mean("resnet81", ["resnet18", "resnet20", "vgg16", "alexnet", "googlenet", "densenet121", "x"],
     ...              "--model")

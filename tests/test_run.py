@@ -175,7 +175,8 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path):
 BAD = {
     "unknown mode": (["--mode", "fp8"], "invalid choice: 'fp8'"),
     "unknown model": (["--mode", "amp", "--model", "resnet9000"], "invalid choice: 'resnet9000'"),
-    "mistyped model": (["--mode", "amp", "--model", "resnet81"], "did you mean resnet18? (give it as --model resnet18)"),
+    "mistyped model": (["--mode", "amp", "--model", "resnet81"],
+                       "did you mean resnet18? (give it as --model resnet18)"),
     "zero epochs": (["--mode", "amp", "--epochs", "0"], "--epochs must be a positive integer, got 0"),
     "negative subset": (["--mode", "amp", "--subset", "-5"], "--subset must be a positive integer, got -5"),
     "non-numeric batch": (["--mode", "amp", "--batch-size", "lots"], "invalid int value: 'lots'"),
