@@ -84,6 +84,19 @@ def restore(loop, state: dict) -> int:
     return state["epoch"]
 
 
+def position(state: dict, epochs: int) -> str:
+    """Where a run resumed from the checkpoint ``state`` goes on, of its ``epochs``, for the log: ``"in epoch
+    2 of 3, after step 7 of 15"`` (an interruption mid-epoch), ``"at the start of epoch 2 of 3"`` (at an
+    epoch's end) or ``"after its last epoch (3 of 3), at the test evaluation"``."""
+    done, partial = state["epoch"], state.get("partial_epoch")
+    if partial is not None:
+        return (f"in epoch {done + 1} of {epochs}, after step {partial['steps_done']} of "
+                f"{len(partial['losses'])}")
+    if done >= epochs:
+        return f"after its last epoch ({done} of {epochs}), at the test evaluation"
+    return f"at the start of epoch {done + 1} of {epochs}"
+
+
 def best(state: dict, val_acc: float) -> dict:
     """``best.pt``: the weights of the checkpoint ``state``, whose epoch had the best validation accuracy."""
     return {"epoch": state["epoch"], "val_acc": val_acc, "model": state["model"], "master": state["master"]}

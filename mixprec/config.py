@@ -20,7 +20,7 @@ import warnings
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 
-from .cli import OneLineParser, UsageError
+from .cli import OneLineParser, UsageError, did_you_mean
 from .models import MODELS, has_pretrained
 
 MODES = ("baseline", "amp", "manual")
@@ -228,14 +228,15 @@ class RunConfig:
                         "default, so that baseline is true FP32 (summary.json records whether TF32 was on)")
     compile: bool = option(False, roles="training", group="run",
                            help="torch.compile the model (the first steps then include compilation; images_per_s "
-                           "excludes the first 20)")
+                           "leaves out the first epoch's first steps: up to 20, summary.json's warmup_steps)")
 
     def __post_init__(self):
         """The one place where option values are checked, for the command line and for code alike."""
         for f in fields(self):
             value, allowed = getattr(self, f.name), f.metadata["argparse"].get("choices")
             if allowed is not None and value not in allowed:
-                raise UsageError(f"unknown {option_name(f.name)} {value!r}: choose one of {', '.join(allowed)}")
+                flag = option_name(f.name)
+                raise UsageError(f"unknown {flag} {value!r}; {did_you_mean(value, allowed, flag)}")
             check = f.metadata["check"]
             if check is not None and value is not None and not CHECKS[check][0](value):
                 raise UsageError(f"{option_name(f.name)} must be {CHECKS[check][1]}, got {value!r}")

@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -146,13 +147,20 @@ def _decode_pickles(folder: Path) -> CIFAR10Arrays:
     return CIFAR10Arrays(*images_labels(_PICKLE_TRAIN), *images_labels(("test_batch",)), classes=classes)
 
 
-def _decode_image(data: bytes, name: str) -> np.ndarray:
+def _decode_image(data: bytes, name: str, source: Path) -> np.ndarray:
+    """One image file's bytes as a 3x32x32 uint8 array; a :class:`DataError` naming the file (``name``: a tar
+    member, or a path in a folder, of ``source``) and the fix when it is not a readable 32x32 image."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"cannot decode image {name} ({e}); the data copy is corrupt, copy it again") from None
+        # PIL's message names the in-memory stream (<_io.BytesIO object at 0x...>), which says nothing
+        reason = ("not an image format PIL can identify" if isinstance(e, UnidentifiedImageError) else
+                  re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__)
+        where = f"{name} in {source}" if source.is_file() else name
+        fix = "copy the archive again" if source.is_file() else "replace or delete that file, or copy the data again"
+        raise DataError(f"cannot decode image {where} ({reason}): the file is corrupt; {fix}") from None
     if img.shape != (32, 32, 3):
         raise DataError(f"image {name} is {img.shape[1]}x{img.shape[0]}, not 32x32: this is not CIFAR-10")
     return img.transpose(2, 0, 1)
@@ -172,7 +180,7 @@ def _assemble(files: dict[tuple[str, str], list[tuple[str, object]]], read, sour
             images, labels = [], []
             for label, cls in enumerate(classes):
                 for name, handle in sorted(files[(split, cls)], key=lambda t: t[0]):
-                    images.append(_decode_image(read(handle), name))
+                    images.append(_decode_image(read(handle), name, source))
                     labels.append(label)
                     bar.update()
             out[split] = torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)

@@ -169,7 +169,7 @@ class RunSummary:
     test_subset: int | None = _copied("config")
     train_time_s: float = _copied("result")
     images_per_s: float | None  # after the warm-up steps; None when the run had none after them
-    warmup_steps: int
+    warmup_steps: int = _copied("result")  # the first epoch's steps left out of images_per_s (at most 20)
     warmup_time_s: float = _copied("result")
     compile: bool = _copied("config")
     channels_last: bool = _copied("config")

@@ -27,8 +27,8 @@ PROG = "python -m mixprec.run"
 
 
 def images_per_s(result) -> float | None:
-    """Training throughput after warm-up: the first epoch's first WARMUP_STEPS steps are left out
-    (None when the run had no steps after them)."""
+    """Training throughput after warm-up: the first epoch's first ``result.warmup_steps`` steps (at most
+    20, at most a fifth of the epoch) are left out (None when the run had no steps after them)."""
     images = result.train_images - result.warmup_images
     seconds = result.train_time_s - result.warmup_time_s
     return images / seconds if images > 0 and seconds > 0 else None
@@ -36,13 +36,11 @@ def images_per_s(result) -> float | None:
 
 def summary(cfg, result, splits) -> RunSummary:
     """The run's :class:`~mixprec.results.RunSummary`, from its configuration, its result and its data."""
-    from .train import WARMUP_STEPS
-
     test = result.test or {}
     return RunSummary(
         **RunSummary.copied("config", cfg), **RunSummary.copied("result", result),
         epochs_completed=len(result.epochs), train_images=len(splits.train[1]), val_images=len(splits.val[1]),
-        test_images=len(splits.test[1]), images_per_s=images_per_s(result), warmup_steps=WARMUP_STEPS,
+        test_images=len(splits.test[1]), images_per_s=images_per_s(result),
         skipped_steps=result.skipped_steps if cfg.mode != "baseline" else None,
         ablation={k: getattr(cfg, k) for k in ABLATION_OPTIONS},
         test_accuracy=test.get("accuracy"), test_loss=test.get("loss"),
@@ -132,7 +130,7 @@ def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: St
         log(f"run directory {run_dir}")
     else:
         run_dir = log.run_dir = resume_dir
-        log(f"resuming {run_dir} from its checkpoint after epoch {checkpoint['epoch']}")
+        log(f"resuming {run_dir} from its checkpoint {ckpt.position(checkpoint, cfg.epochs)}")
 
     def save_progress(result, state: dict, improved: bool):
         if result.epochs:

@@ -9,7 +9,9 @@ in a process of its own, so its peak memory is its own. A combination whose run 
 ``OUT/runs/`` has the same configuration and completed is skipped, and one that was interrupted is resumed
 from its checkpoint, so running the same command again continues an interrupted study. A combination that
 fails is recorded and the study goes on. ``OUT/study.json`` lists every combination and what became of it,
-and each run's console output is kept in ``OUT/study-logs/``. Exit code: 0 when every combination
+and each run's console output is kept in ``OUT/study-logs/``. At the end it writes the report to
+``OUT/report/`` and prints one line per group: model, mode, seeds, mean test accuracy and its difference
+from the baseline (``python -m mixprec.report OUT`` prints the full tables). Exit code: 0 when every combination
 completed, 1 when any failed, 2 on bad input, 130/143 when interrupted.
 """
 
@@ -250,11 +252,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[mixprec.study] {len(combos) - len(failed)} of {len(combos)} combinations completed"
           + (f"; failed: {', '.join(c.label for c in failed)} (logs in {log_dir})" if failed else ""), file=sys.stderr)
     if args.report:
-        from .report import main as report_main
-
-        report_code = report_main([str(out)])
-        code = code or report_code
+        code = code or _report(out)
     return code
+
+
+def _report(out: Path) -> int:
+    """Write the report under ``out/report`` and print one line per group (not the whole report, which is
+    wider than a terminal); 0, or 2 with the report's one-line error."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    from .report import make_report
+    from .report.build import PROG as REPORT_PROG
+
+    try:
+        print(make_report(out, short=True))
+    except UsageError as e:
+        print(f"{REPORT_PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from .scaler import LossScaleCollapse
 from .steps import Precision, setup_precision
 
 SYNC_EVERY = 20  # steps between progress updates; each costs a host sync in baseline mode
-WARMUP_STEPS = 20  # the first epoch's first steps (allocator, autotuning, compilation): not in images_per_s
+WARMUP_STEPS = 20  # at most this many of the first epoch's first steps (allocator, autotuning, compilation) are
+# left out of images_per_s; warmup_steps_for() scales it down for short runs
 EVAL_BATCH_SIZE = 500
 LR_WARMUP_START = 0.1  # --warmup-epochs ramps the lr from lr * this to lr
 
@@ -66,8 +67,9 @@ class RunResult:
     steps: list[dict] = field(default_factory=list)
     train_time_s: float = 0.0
     train_images: int = 0
-    warmup_time_s: float = 0.0  # of train_time_s, spent in the first epoch's first WARMUP_STEPS steps
+    warmup_time_s: float = 0.0  # of train_time_s, spent in the first epoch's first warmup_steps steps
     warmup_images: int = 0
+    warmup_steps: int = 0  # the first epoch's steps left out of images_per_s (warmup_steps_for)
     skipped_steps: int = 0
     final_loss_scale: float | None = None
     peak_memory_bytes: int = 0
@@ -77,6 +79,17 @@ class RunResult:
     loss_scaler: str | None = None  # GradScaler, or manual mode's dynamic, static or none; None without one
     world_size: int = 1  # processes training together (torchrun); time and memory are rank 0's
     test: dict | None = None  # accuracy, loss, per_class_accuracy, confusion_matrix
+
+
+def warmup_steps_for(steps: int) -> int:
+    """How many of the first epoch's ``steps`` steps are warm-up, left out of ``images_per_s``: WARMUP_STEPS,
+    but at most a fifth of the epoch, and at least 1 when the epoch has 2 steps or more, so that every run
+    keeps timed steps after it (a 15-step run leaves out 3; a 1-step run none).
+
+    >>> [warmup_steps_for(n) for n in (1, 2, 9, 15, 100, 391)]
+    [0, 1, 1, 3, 20, 20]
+    """
+    return 0 if steps < 2 else max(1, min(WARMUP_STEPS, steps // 5))
 
 
 def check_world(cfg: RunConfig, world: int) -> None:
@@ -222,7 +235,7 @@ class EpochStats:
     images: int
     steps: list[dict]  # one row per optimizer step, for steps.csv
     seconds_before: float  # training time this epoch had before an interruption (0 if none)
-    warmup_seconds: float  # time of the first epoch's first WARMUP_STEPS steps (0 in later epochs)
+    warmup_seconds: float  # time of the first epoch's warm-up steps (0 in later epochs)
     warmup_images: int
     memory: dict  # bytes by role, measured on this process's first step
 
@@ -251,7 +264,7 @@ def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
     p = EpochProgress.start(n, loop.device, partial)
     last_finite_loss = loop.last_finite_loss if partial is None else partial["last_finite_loss"]
     begin, first_step, memory = p.steps_done, len(result.steps) + 1, result.memory
-    warmup_steps = min(WARMUP_STEPS, n) if epoch == 0 else 0
+    warmup_steps = result.warmup_steps if epoch == 0 else 0
     loader.set_epoch(epoch, start_batch=begin)
     start = time.perf_counter()
     bar = tqdm(loader, total=n, initial=begin, desc=f"epoch {epoch + 1}/{loop.cfg.epochs}", unit="batch",
@@ -323,7 +336,7 @@ def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | 
     result = RunResult("completed", None, str(device), precision.amp_dtype, precision.half_compute, params, macs,
                        notes=precision.notes, tf32=tf32, world_size=world,
                        fp8=precision.fp8.describe() if precision.fp8 is not None else None,
-                       loss_scaler=precision.loss_scaler)
+                       loss_scaler=precision.loss_scaler, warmup_steps=warmup_steps_for(len(train_loader)))
     loop = Loop(cfg, model, precision, scheduler, train_loader, device, result,
                 scaled=precision.loss_scale() is not None, stop=stop)
     return loop, eval_loaders
@@ -356,7 +369,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         + (f" x {world} processes ({cfg.batch_size // world} images each per step)" if world > 1 else "")
         + f"; {len(splits.train[1])} train / "
         f"{len(splits.val[1])} val / {len(splits.test[1])} test images"
-        + (f"; resuming after epoch {start_epoch}" if resume is not None else ""))
+        + (f"; resuming {checkpoint.position(resume, cfg.epochs)}" if resume is not None else ""))
     if on_epoch and resume is None:
         on_epoch(result, checkpoint.save(loop, 0), False)  # so that an interruption in epoch 1 has a checkpoint too
 

@@ -108,6 +108,28 @@ def test_master_weights_takes_its_four_kinds_and_the_old_flag_says_what_it_is_no
         assert stopped.value.code == 2 and len(err) == 1 and message in err[0]
 
 
+@pytest.mark.parametrize("model, hint", [
+    ("resnet81", "did you mean resnet18? (give it as --model resnet18)"),
+    ("efficientnet_b7", "did you mean efficientnet_b3 or efficientnet_b0?"),
+    ("zzz", f"choose one of the {len(config.MODELS)} that --help lists"),
+])
+def test_a_mistyped_model_is_one_line_naming_the_closest_not_every_model(model, hint, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        config.parse_args(["--mode", "amp", "--model", model])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and hint in err[0] and f"invalid choice: {model!r}" in err[0]
+    assert "mobilenet_v2" not in err[0] and err[0].count("--help") == 1  # not argparse's list of every model
+    with pytest.raises(UsageError, match=f"^unknown --model {model!r}; ") as refused:  # code builds RunConfigs too
+        RunConfig(mode="amp", model=model)
+    assert hint in str(refused.value)
+
+
+def test_a_short_list_of_choices_is_named_in_full(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_args(["--mode", "xyz"])
+    assert "invalid choice: 'xyz'; choose one of baseline, amp, manual" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["stochastic", "kahan"])
 def test_the_new_kinds_are_manual_mode_ablations_and_combine_with_bfloat16_and_fp8(kind):
     for mode in ("baseline", "amp"):

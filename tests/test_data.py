@@ -1,7 +1,10 @@
 import gzip
+import shutil
+import tarfile
 
 import pytest
 import torch
+from PIL import Image
 
 from mixprec import data as data_mod
 from mixprec.cli import UsageError
@@ -65,6 +68,34 @@ def test_corrupt_gzip_stream_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"^cannot read archive .*bad\.tar\.gz \((BadGzipFile|EOFError|ReadError)"
                                          r".*\); it is truncated or"):
         load_cifar10(path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("form", ["tar", "folder"])
+def test_a_corrupt_image_is_named_with_the_fix_in_one_line(form, damage, tiny_cifar, tmp_path):
+    folder = tmp_path / "cifar10"
+    shutil.copytree(tiny_cifar["folder"], folder)
+    png = sorted((folder / "train").glob("*/*.png"))[1]
+    victim = png.with_suffix(".jpg")  # the shared copy's format
+    Image.open(png).save(victim, quality=95)
+    png.unlink()
+    raw = victim.read_bytes()
+    victim.write_bytes(b"not an image at all" if damage == "garbage" else raw[: len(raw) // 2])
+    member = f"cifar10/train/{victim.parent.name}/{victim.name}"
+    path = folder
+    if form == "tar":
+        path = tmp_path / "data.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(folder / "train", arcname="cifar10/train")
+            tar.add(folder / "test", arcname="cifar10/test")
+    with pytest.raises(DataError) as err:
+        load_cifar10(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "BytesIO" not in msg and "0x" not in msg
+    if form == "tar":
+        assert f"cannot decode image {member} in {path} (" in msg and msg.endswith("; copy the archive again")
+    else:
+        assert f"cannot decode image {victim} (" in msg and "replace or delete that file" in msg
 
 
 def test_splits_are_stratified_disjoint_and_fixed(tiny_cifar):

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mixprec import checkpoint
 from mixprec.config import RunConfig
 from mixprec.run import main
 from tests.conftest import train_keeping_checkpoint
@@ -63,13 +64,17 @@ def test_interrupted_then_resumed_run_ends_bit_identical(tiny_cifar, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["test_accuracy"] is None
-    done = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    done, part = saved["epoch"], saved["partial_epoch"]
     assert 1 <= done < EPOCHS
     assert len(pd.read_csv(run / "epochs.csv")) == done
 
     resumed = _cli("--resume", str(run), "--data", str(data))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {run} from its checkpoint after epoch {done}" in resumed.stderr
+    where = (f"in epoch {done + 1} of {EPOCHS}, after step {part['steps_done']} of {len(part['losses'])}"
+             if part is not None else f"at the start of epoch {done + 1} of {EPOCHS}")  # where the signal fell
+    assert f"resuming {run} from its checkpoint {where}" in resumed.stderr
+    assert f"; resuming {where}" in resumed.stderr  # the trainer's line says the same
 
     a, b = _run_dir(tmp_path / "a"), run
     ca, cb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (a, b))
@@ -147,6 +152,10 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step(tiny_cifar):
     cut, mid = run(stop=StopAfter(9))
     assert cut.status == "interrupted" and "epoch 2, step 2 of 5" in cut.error
     assert mid["epoch"] == 1 and mid["partial_epoch"]["steps_done"] == 2
+    # what the resume's log lines say: where it goes on, not "after epoch 1"
+    assert checkpoint.position(mid, cfg.epochs) == "in epoch 2 of 3, after step 2 of 5"
+    assert checkpoint.position({**mid, "partial_epoch": None}, cfg.epochs) == "at the start of epoch 2 of 3"
+    assert checkpoint.position(end, cfg.epochs) == "after its last epoch (3 of 3), at the test evaluation"
     resumed, end2 = run(resume=mid)
     assert resumed.status == "completed"
     for key in end["model"]:

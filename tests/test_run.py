@@ -15,6 +15,7 @@ from mixprec.master import COLUMNS as UPDATE_COLUMNS
 from mixprec.models import build_model, count_params
 from mixprec.results import RunSummary, read_summary
 from mixprec.run import main
+from mixprec.train import warmup_steps_for
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "loss_scale",
                  "skipped_steps"]
@@ -45,7 +46,7 @@ def _check_run_dir(run: Path, mode: str, classes: int = 10, epochs: int = 1) -> 
     with torch.device("meta"):
         assert s.params == count_params(build_model(s.model, num_classes=classes))
     steps_run = len(pd.read_csv(run / "steps.csv"))
-    assert s.warmup_steps == 20 and (s.images_per_s is None) == (steps_run <= 20)  # all warm-up: no figure
+    assert s.warmup_steps == warmup_steps_for(steps_run // epochs) and s.images_per_s > 0  # every run has a figure
     assert set(s.memory) == {"weights", "master_weights", "grads", "optimizer_state", "activations", "compensation",
                              "update_workspace"}
     assert (s.memory["master_weights"] > 0) == (mode == "manual") and s.memory["activations"] > 0
@@ -137,14 +138,22 @@ def test_pretrained_without_network_stops_before_the_run_in_one_line(tiny_cifar,
     assert not (tmp_path / "out").exists()
 
 
-def test_images_per_s_leaves_out_the_first_20_steps(tiny_cifar, tmp_path):
-    code = main(["--mode", "baseline", "--model", "resnet20", "--epochs", "2", "--batch-size", "6",
-                 "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
+@pytest.mark.parametrize("epochs, batch_size, warmup", [(2, 6, 6), (1, 12, 3)])
+def test_images_per_s_leaves_out_a_warm_up_scaled_to_the_run(epochs, batch_size, warmup, tiny_cifar, tmp_path):
+    # 30 steps an epoch: a fifth of them, 6, are warm-up; the quick start's case, 15 steps in all: 3 (not 20,
+    # which left no timed step and recorded images_per_s null)
+    code = main(["--mode", "baseline", "--model", "resnet20", "--epochs", str(epochs), "--batch-size",
+                 str(batch_size), "--data", str(tiny_cifar["pickles"]), "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
-    s = _check_run_dir(_only_run(tmp_path), "baseline", epochs=2)
-    assert 0 < s.warmup_time_s < s.train_time_s
-    timed_images = 2 * 180 - 20 * 6  # two epochs of 30 steps of 6 images, less the first epoch's first 20 steps
+    s = _check_run_dir(_only_run(tmp_path), "baseline", epochs=epochs)
+    assert s.warmup_steps == warmup and 0 < s.warmup_time_s < s.train_time_s
+    timed_images = epochs * 180 - warmup * batch_size  # 180 training images an epoch, less the warm-up's
     assert s.images_per_s == pytest.approx(timed_images / (s.train_time_s - s.warmup_time_s))
+
+
+def test_the_warm_up_is_at_most_20_steps_a_fifth_of_the_epoch_and_leaves_timed_steps():
+    assert [warmup_steps_for(n) for n in (0, 1, 2, 9, 10, 15, 99, 100, 391)] == [0, 0, 1, 1, 2, 3, 19, 20, 20]
+    assert all(0 < warmup_steps_for(n) < n for n in range(2, 1000))
 
 
 def test_divergence_fails_the_run_with_its_reason(tiny_cifar, tmp_path):
@@ -166,6 +175,8 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path):
 BAD = {
     "unknown mode": (["--mode", "fp8"], "invalid choice: 'fp8'"),
     "unknown model": (["--mode", "amp", "--model", "resnet9000"], "invalid choice: 'resnet9000'"),
+    "mistyped model": (["--mode", "amp", "--model", "resnet81"],
+                       "did you mean resnet18? (give it as --model resnet18)"),
     "zero epochs": (["--mode", "amp", "--epochs", "0"], "--epochs must be a positive integer, got 0"),
     "negative subset": (["--mode", "amp", "--subset", "-5"], "--subset must be a positive integer, got -5"),
     "non-numeric batch": (["--mode", "amp", "--batch-size", "lots"], "invalid int value: 'lots'"),

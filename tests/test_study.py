@@ -48,6 +48,8 @@ def test_plan_runs_every_combination_seeds_slowest_with_shared_options_passed_on
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--models", "resnet20", "--modes", "baseline", "--loss-scale", "none"], "an ablation of manual mode"),
     (["--models", "nope"], "invalid choice: 'nope'"),
+    (["--models", "resnet20", "resnet81"], "invalid choice: 'resnet81'; did you mean resnet18? (give it as --models "
+                                           "resnet18)"),
     pytest.param(["--device", "cuda"], "--device cuda was asked for but",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
@@ -144,3 +146,21 @@ def test_a_stop_signal_reaches_the_run_in_progress_once():
         rest = child.stdout.read()
         code = child.wait(timeout=30)
     assert code == 0 and rest == ""  # the child ran to its end, and no other signal reached it
+
+
+def test_study_ends_with_one_line_per_group_and_still_writes_the_report(tmp_path, capsys):
+    from tests.test_report import make_run
+
+    out = tmp_path / "study"
+    for seed, acc in enumerate((0.80, 0.84)):  # completed runs of the study's own configurations: all skipped
+        make_run(out, f"base{seed}", seed=seed, acc=acc, out=str(out))
+        make_run(out, f"amp{seed}", mode="amp", amp_dtype="bfloat16", seed=seed, acc=acc + 0.02, out=str(out))
+    code = _study("--models", "resnet20", "--modes", "baseline", "amp", "--seeds", "0", "1", "--epochs", "2",
+                  "--device", "cpu", "--out", str(out))
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    assert printed[0].split() == ["model", "mode", "n", "test", "accuracy", "(%)", "vs", "baseline", "(pp)"]
+    assert [line.split() for line in printed[1:3]] == [["resnet20", "baseline", "2", "82.00", "-"],
+                                                       ["resnet20", "amp", "(bfloat16)", "2", "84.00", "+2.00"]]
+    assert printed[3:] == ["", f"report written to {out / 'report' / 'report.md'}"]  # not the report's tables
+    assert (out / "report" / "report.md").exists() and (out / "report" / "comparison.csv").exists()

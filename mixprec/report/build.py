@@ -13,7 +13,7 @@ import pandas as pd
 from ..cli import OneLineParser, UsageError
 from ..results import write_text
 from .figures import CAPTIONS, write_figures
-from .groups import Group, group_runs
+from .groups import Group, find_baseline, group_runs
 from .runs import RERUN, STEP_BENCH_TABLE, UNTIMED, BadRun, Excluded, Run, load_results
 from .tables import (inference_markdown, inference_table, markdown_table, step_bench_markdown, step_bench_table,
                      write_tables)
@@ -73,8 +73,30 @@ def report_markdown(root: Path, runs: list[Run], groups: list[Group], excluded: 
     return "\n".join(lines) + "\n"
 
 
-def make_report(root: Path, out: Path | None = None) -> str:
-    """Read ``root``, write the report into ``out`` (default ``root/report``), and return the tables as text.
+def short_summary(groups: list[Group]) -> str:
+    """One aligned line per group: model, mode (with what tells it apart), seeds, mean test accuracy and its
+    difference from the baseline of the same model and settings, in percentage points ("-" for a baseline,
+    blank without one). What a study prints at its end, where the whole comparison table is too wide.
+
+    >>> print(short_summary(groups))  # doctest: +SKIP
+       model            mode  n  test accuracy (%)  vs baseline (pp)
+    resnet20        baseline  3              82.00                 -
+    resnet20  amp (bfloat16)  2              86.00             +4.00
+    """
+    rows = []
+    for g in groups:
+        base = find_baseline(g, groups)
+        acc = g.values("test_accuracy")
+        diff = ("-" if base is g else "" if base is None else
+                format(100 * (acc.mean() - base.values("test_accuracy").mean()), "+.2f"))
+        rows.append({"model": g.model, "mode": g.short, "n": g.n, "test accuracy (%)": format(100 * acc.mean(), ".2f"),
+                     "vs baseline (pp)": diff})
+    return pd.DataFrame(rows).to_string(index=False)
+
+
+def make_report(root: Path, out: Path | None = None, *, short: bool = False) -> str:
+    """Read ``root``, write the report into ``out`` (default ``root/report``), and return the tables as text
+    (with ``short``, only :func:`short_summary`'s lines: what ``python -m mixprec.study`` prints).
 
     Excluded runs are named on stderr. Raises :class:`UsageError` when there is nothing to report or
     ``out`` cannot be written."""
@@ -107,6 +129,8 @@ def make_report(root: Path, out: Path | None = None) -> str:
     except OSError as e:
         raise UsageError(f"cannot write the report to --out {out} ({e.strerror or e}); pass a writable "
                          "directory") from None
+    if short:
+        return f"{short_summary(groups)}\n\nreport written to {out / 'report.md'}"
     return "\n\n".join(f"{name}.md\n\n{text.rstrip()}" for name, text in sections.items()) + \
         f"\n\nreport written to {out / 'report.md'}"
 
