@@ -416,6 +416,16 @@ def option_name(name: str) -> str:
     return f.metadata["flag"] or f"--{name.replace('_', '-')}"
 
 
+def loss_scaler_kind(mode: str, amp_dtype: str | None, loss_scale: str) -> str | None:
+    """Which loss scaler a run trains with (summary.json's ``loss_scaler``): ``GradScaler`` in amp with float16
+    (``amp_dtype`` resolved), manual mode's ``dynamic``, ``none`` or ``static`` (``--loss-scale``), else None."""
+    if mode == "amp":
+        return "GradScaler" if amp_dtype == "float16" else None
+    if mode == "manual":
+        return loss_scale if loss_scale in ("dynamic", "none") else "static"
+    return None
+
+
 def upgrade(saved: dict) -> dict:
     """A ``config.json`` as this version writes it. Runs made before ``--fp8`` say ``manual_dtype: float8`` and
     ``fp8_scaling`` instead: an FP16 model with that FP8 recipe. Runs made before ``--master-weights`` say

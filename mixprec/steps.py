@@ -23,7 +23,7 @@ from torch import nn
 
 from . import distributed
 from .cli import UsageError
-from .config import RunConfig, warn_if_slow
+from .config import RunConfig, loss_scaler_kind, warn_if_slow
 from .fp8 import Fp8Recipe, Fp8Telemetry, Fp8Training
 from .halfops import EmulatedAutocast, emulated_half_compute
 from .master import LostUpdateTelemetry, MasterWeights, half_with_fp32_norm_
@@ -288,7 +288,7 @@ def _amp(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.device,
                                   scaler=_with_injection(scaler, cfg), **options),
                      forward=eval_forward(net, autocast), optimizer=opt,
                      loss_scale=lambda: scaler.get_scale() if scaler.is_enabled() else None, amp_dtype=_name(dtype),
-                     half_compute=how, scaler=scaler, loss_scaler="GradScaler" if scaler.is_enabled() else None,
+                     half_compute=how, scaler=scaler, loss_scaler=loss_scaler_kind("amp", _name(dtype), cfg.loss_scale),
                      description=f"torch.autocast({_name(dtype)}){arithmetic}, {scaling}")
 
 
@@ -316,10 +316,9 @@ def _manual(cfg: RunConfig, model: nn.Module, net: nn.Module, device: torch.devi
     step = partial(manual_step, distributed.wrap(net, device), opt, master=master, scaler=_with_injection(scaler, cfg),
                    dtype=dtype, half_compute=half_compute, **options)
     telemetry = [scaler.telemetry, *([fp8.telemetry] if fp8 is not None else []), master.telemetry]
-    loss_scaler = cfg.loss_scale if cfg.loss_scale in ("dynamic", "none") else "static"
     return Precision(step=step, forward=eval_forward(net, half_compute, dtype), optimizer=opt,
                      loss_scale=scaler.get_scale, half_compute=how, master=master, scaler=scaler, fp8=fp8, notes=notes,
-                     telemetry=telemetry, loss_scaler=loss_scaler,
+                     telemetry=telemetry, loss_scaler=loss_scaler_kind("manual", None, cfg.loss_scale),
                      description=f"{cfg.manual_dtype} model, {norm} BatchNorm, {master.describe()}, {arithmetic}, "
                                  f"{scaling}")
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from mixprec.config import RunConfig
+from mixprec.config import RunConfig, loss_scaler_kind
 from mixprec.report import (
     comparison_markdown,
     comparison_table,
@@ -54,8 +54,7 @@ def make_run(root: Path, name: str, *, mode="baseline", seed=0, acc=0.80, val_ac
                                   "cpu": "Test CPU", "cpu_capability": cpu_capability, "git_commit": "0123456789abcdef",
                                   "git_dirty": False})
     splits = SimpleNamespace(train=(None, range(1000)), val=(None, range(100)), test=(None, range(100)))
-    scaler = {"amp": "GradScaler" if amp_dtype == "float16" else None,  # as steps.setup_precision says
-              "manual": cfg.loss_scale if cfg.loss_scale in ("dynamic", "none") else "static"}.get(mode)
+    scaler = loss_scaler_kind(mode, amp_dtype, cfg.loss_scale)  # as steps.setup_precision records it
     result = RunResult(status=status, error=None if status == "completed" else f"{status} at epoch 1, step 3",
                        device="cpu", amp_dtype=amp_dtype, half_compute="emulated" if mode == "manual" else None,
                        params=1000, loss_scaler=scaler)

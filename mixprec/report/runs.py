@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import upgrade
+from ..config import loss_scaler_kind, upgrade
 from ..cli import UsageError
 from ..results import SUMMARY_REQUIRED, read_json
 
@@ -179,12 +179,7 @@ def loss_scaler(config: dict, summary: dict) -> str | None:
     one): summary.json's ``loss_scaler``, or for a run made before it was recorded, what its options imply."""
     if "loss_scaler" in summary:
         return summary["loss_scaler"]
-    if config.get("mode") == "amp":
-        return "GradScaler" if summary.get("amp_dtype") == "float16" else None
-    if config.get("mode") == "manual":
-        scale = config.get("loss_scale", "dynamic")
-        return scale if scale in ("dynamic", "none") else "static"
-    return None
+    return loss_scaler_kind(config.get("mode"), summary.get("amp_dtype"), config.get("loss_scale", "dynamic"))
 
 
 def find_run_dirs(root: Path, skip: Path | None = None) -> list[Path]:
