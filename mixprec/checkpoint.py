@@ -20,7 +20,7 @@ from . import device as dev
 from .cli import UsageError
 from .results import read_json
 
-RESULT_PROGRESS = ("epochs", "steps", "train_time_s", "train_images", "warmup_time_s", "warmup_images",
+RESULT_PROGRESS = ("epochs", "steps", "tables", "train_time_s", "train_images", "warmup_time_s", "warmup_images",
                    "skipped_steps")  # the RunResult fields a resumed run goes on adding to
 LOOP_PROGRESS = ("best_val_acc", "last_finite_loss")  # and the loop's own
 
@@ -50,8 +50,9 @@ def _parts(loop) -> dict[str, tuple[Callable[[], object], Callable[[object], Non
                          **{k: getattr(loop, k) for k in LOOP_PROGRESS}})
 
     def set_progress(state: dict) -> None:
-        for key in RESULT_PROGRESS:
-            setattr(loop.result, key, state.get(key, 0))
+        for key in RESULT_PROGRESS:  # a field newer than the checkpoint keeps its (empty) start
+            if key in state:
+                setattr(loop.result, key, state[key])
         for key in LOOP_PROGRESS:
             setattr(loop, key, state[key])
 
@@ -61,6 +62,8 @@ def _parts(loop) -> dict[str, tuple[Callable[[], object], Callable[[object], Non
         "optimizer": _state_dict_of(p.optimizer),
         "scaler": _state_dict_of(p.scaler),
         "fp8": _state_dict_of(p.fp8),  # amax histories, scales
+        "telemetry": (lambda: {s.key: s.state_dict() for s in p.telemetry if hasattr(s, "state_dict")},
+                      lambda state: [s.load_state_dict(state[s.key]) for s in p.telemetry if s.key in state]),
         "scheduler": _state_dict_of(loop.scheduler),
         "rng": (lambda: dev.rng_states(loop.device), lambda state: dev.set_rng_states(loop.device, state)),
         "numpy_rng": (_numpy_state, _set_numpy_state),

@@ -206,6 +206,13 @@ class RunConfig:
                                   help="measure the largest gradient and the zero and FP16-underflow fractions (and "
                                   "with --fp8 the FP8 saturation, flush-to-zero and scales) every N optimizer steps "
                                   "in manual mode (steps.csv); the loss scale and skips are recorded at every step")
+    layer_stats_every: int | None = option(None, roles="copy", group="ablations", check="positive int", type=int,
+                                           metavar="N",
+                                           help="every N optimizer steps, in any mode, measure each Conv2d, Linear and "
+                                           "BatchNorm layer's output and weight gradients: the fractions zero as "
+                                           "computed and zero or subnormal in FP16 without the loss scale, the "
+                                           "largest magnitude and its headroom to 65504 (layer_grads.csv; "
+                                           "docs/runs.md); default: off")
     # FP8: a recipe over the FP16 model of manual mode
     fp8: str = option("off", roles="ablation label manual", group="fp8", choices=FP8_RECIPES,
                       help="train manual mode's FP16 model with its convolutions and linears on emulated FP8 "
@@ -286,6 +293,8 @@ class RunConfig:
         if self.inject_overflow and self.mode == "amp" and self.amp_dtype == "bfloat16":
             raise UsageError("--inject-overflow in amp mode needs a GradScaler, which only float16 uses: "
                              "drop --amp-dtype bfloat16, or use --mode manual")
+        if self.layer_stats_every is not None and self.compile:
+            raise UsageError("--layer-stats-every hooks every layer, which --compile's graphs do not run; drop one")
         if self.inject_overflow_rank is not None and (not self.inject_overflow or self.inject_overflow_rank < 0):
             raise UsageError("--inject-overflow-rank takes a rank (0, 1, ...) and needs --inject-overflow")
 

@@ -136,6 +136,8 @@ def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: St
         if result.epochs:
             write_csv(run_dir / "epochs.csv", pd.DataFrame(result.epochs))
             write_csv(run_dir / "steps.csv", pd.DataFrame(result.steps))
+            for table, rows in result.tables.items():  # telemetry sources' own tables (layer_grads.csv)
+                write_csv(run_dir / f"{table}.csv", pd.DataFrame(rows))
         write_torch(run_dir / "checkpoint.pt", state)
         if improved:
             write_torch(run_dir / "best.pt", ckpt.best(state, result.epochs[-1]["val_acc"]))

@@ -26,6 +26,7 @@ from .cli import UsageError
 from .config import RunConfig, loss_scaler_kind, warn_if_slow
 from .fp8 import Fp8Recipe, Fp8Telemetry, Fp8Training
 from .halfops import EmulatedAutocast, emulated_half_compute
+from .layerstats import LayerGradientTelemetry
 from .master import LostUpdateTelemetry, MasterWeights, half_with_fp32_norm_
 from .scaler import DynamicLossScaler, GradientTelemetry
 from .telemetry import Telemetry
@@ -179,9 +180,14 @@ class Precision:
         for source in (*TELEMETRY, *self.telemetry):
             row.update(source.unmeasured())
         for source in self.telemetry:
-            if source.key in measured:
+            if source.key in measured and source.table is None:
                 row.update(source.to_row(measured[source.key]))
         return row
+
+    def table_rows(self, measured: dict[str, list[float]]) -> dict[str, list[dict]]:
+        """``{table: rows}`` of one step, from the sources that write a table of their own (none measured: {})."""
+        return {source.table: source.to_rows(measured[source.key]) for source in self.telemetry
+                if source.table is not None and source.key in measured}
 
 
 def _with_injection(scaler, cfg: RunConfig):
@@ -336,7 +342,12 @@ def setup_precision(cfg: RunConfig, model: nn.Module, device: torch.device) -> P
     evaluation runs it unwrapped, each rank on its shard."""
     options = dict(accumulate=cfg.accumulate, clip=cfg.clip_grad_norm, label_smoothing=cfg.label_smoothing)
     net = torch.compile(model) if cfg.compile else model  # evaluates; trains, in DDP when there are several ranks
-    return PRECISIONS[cfg.mode](cfg, model, net, device, options)
+    precision = PRECISIONS[cfg.mode](cfg, model, net, device, options)
+    if cfg.layer_stats_every is not None:  # any mode: hooks on the layers, on the steps it measures
+        layers = LayerGradientTelemetry(model, cfg.layer_stats_every, precision.loss_scale)
+        precision.step = layers.wrap(precision.step)
+        precision.telemetry.append(layers)
+    return precision
 
 
 def _amp_inference(cfg: RunConfig, model: nn.Module, device: torch.device):

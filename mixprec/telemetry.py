@@ -12,6 +12,12 @@ The training loop knows none of them. It asks the :class:`~mixprec.steps.Precisi
 epoch's end reads it all in one transfer (:func:`to_host`, the one host sync) and has the Precision
 turn each step's values into columns. A new statistic is one subclass, made where it is measured and
 added to its Precision's ``telemetry``; nothing in the loop or the checkpoint changes.
+
+A source whose measurement is too wide for columns (one value per layer, say) names a ``table`` instead:
+its rows go to ``<table>.csv`` in the run directory, one per value it measured at a step, and
+:meth:`Telemetry.to_rows` makes them (:class:`~mixprec.layerstats.LayerGradientTelemetry`). A source
+with state that must survive a resume (a step counter) has ``state_dict`` and ``load_state_dict``,
+which the checkpoint saves under its ``key``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Telemetry:
 
     key: str = ""
     columns: tuple[str, ...] = ()
+    table: str | None = None  # a source of rows rather than columns: the name of its <table>.csv
 
     def __init__(self):
         self._measured: torch.Tensor | None = None
@@ -66,6 +73,10 @@ class Telemetry:
     def to_row(self, values: list[float]) -> dict[str, float]:
         """``steps.csv``'s columns of a measured step, from the values of :meth:`pop`'s tensor."""
         return dict(zip(self.columns, values, strict=True))
+
+    def to_rows(self, values: list[float]) -> list[dict]:
+        """The ``table``'s rows of a measured step (the loop adds the ``step``), from :meth:`pop`'s values."""
+        raise NotImplementedError(f"{type(self).__name__} has no table")
 
     @classmethod
     def unmeasured(cls) -> dict[str, float]:

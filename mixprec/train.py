@@ -65,6 +65,7 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # telemetry tables (<table>.csv): {table: rows}
     train_time_s: float = 0.0
     train_images: int = 0
     warmup_time_s: float = 0.0  # of train_time_s, spent in the first epoch's first warmup_steps steps
@@ -218,13 +219,20 @@ class EpochProgress:
                 "skips": self.skips, "stats": telemetry.saved(self.stats),
                 "warmup_seconds": self.warmup_seconds, "seconds": seconds, "last_finite_loss": last_finite_loss}
 
-    def step_rows(self, losses: list[float], first_step: int, epoch: int, precision: Precision) -> list[dict]:
+    def step_rows(self, losses: list[float], first_step: int, epoch: int,
+                  precision: Precision) -> tuple[list[dict], dict[str, list[dict]]]:
         """``steps.csv``'s rows of the finished epoch, with the statistics columns that ``precision`` makes of
-        what it measured (read off the device in one transfer: a host sync)."""
+        what it measured (read off the device in one transfer: a host sync), and the rows of the tables of
+        sources that write their own (``{table: rows}``, each row with its ``step``)."""
         measured = telemetry.to_host(self.stats)
-        return [dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
+        rows = [dict(step=first_step + i, epoch=epoch + 1, loss=loss, lr=lr, loss_scale=scale, skipped=skipped,
                      **precision.stats_row(measured.get(i, {})))
                 for i, (loss, lr, scale, skipped) in enumerate(zip(losses, self.lrs, self.scales, self.skips))]
+        tables: dict[str, list[dict]] = {}
+        for i in sorted(measured):
+            for table, table_rows in precision.table_rows(measured[i]).items():
+                tables.setdefault(table, []).extend({"step": first_step + i, **row} for row in table_rows)
+        return rows, tables
 
 
 @dataclass
@@ -234,6 +242,7 @@ class EpochStats:
     skipped_steps: int
     images: int
     steps: list[dict]  # one row per optimizer step, for steps.csv
+    tables: dict[str, list[dict]]  # the rows of telemetry sources' own tables (<table>.csv), by table
     seconds_before: float  # training time this epoch had before an interruption (0 if none)
     warmup_seconds: float  # time of the first epoch's warm-up steps (0 in later epochs)
     warmup_images: int
@@ -300,7 +309,7 @@ def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
     images = n * loader.batch_size
     loop.last_finite_loss = last_finite_loss
     return EpochStats(mean_loss, int(correct) / images, sum(p.skips), images,
-                      p.step_rows(losses.tolist(), first_step, epoch, precision), p.seconds, p.warmup_seconds,
+                      *p.step_rows(losses.tolist(), first_step, epoch, precision), p.seconds, p.warmup_seconds,
                       warmup_steps * loader.batch_size, memory)
 
 
@@ -384,6 +393,8 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             result.memory = stats.memory
             seconds = stats.seconds_before + t.seconds
             result.steps += stats.steps
+            for table, rows in stats.tables.items():
+                result.tables.setdefault(table, []).extend(rows)
             result.train_time_s += seconds
             result.train_images += stats.images
             result.warmup_time_s += stats.warmup_seconds

@@ -144,7 +144,8 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step(tiny_cifar):
     from mixprec.data import load_cifar10, make_splits
 
     splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
-    cfg = RunConfig(mode="manual", model="resnet20", epochs=3, batch_size=32, device="cpu", telemetry_every=2)
+    cfg = RunConfig(mode="manual", model="resnet20", epochs=3, batch_size=32, device="cpu", telemetry_every=2,
+                    layer_stats_every=3)  # measures steps 1, 4, 7 (the stop comes right after it), 10 and 13
 
     run = partial(train_keeping_checkpoint, cfg, splits)
     full, end = run()
@@ -163,6 +164,9 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step(tiny_cifar):
     drop = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
     assert drop(full.epochs) == drop(resumed.epochs)
     pd.testing.assert_frame_equal(pd.DataFrame(full.steps), pd.DataFrame(resumed.steps))
+    layers = pd.DataFrame(full.tables["layer_grads"])
+    assert sorted(layers.step.unique()) == [1, 4, 7, 10, 13]
+    pd.testing.assert_frame_equal(layers, pd.DataFrame(resumed.tables["layer_grads"]))
     assert full.test == resumed.test and full.train_images == resumed.train_images
 
 
