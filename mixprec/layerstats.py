@@ -56,16 +56,16 @@ _COUNTS = 5  # per measured tensor on the device: zeros, FP16 underflows, FP16 s
 
 @torch.no_grad()
 def _measure(g: torch.Tensor, scale: float) -> torch.Tensor:
-    """``[zeros, nonzeros that would be 0 in FP16 unscaled, would be subnormal, max |g|, elements]`` of one gradient, as FP32
-    on its device (no host sync). ``g`` is scaled by ``scale``."""
+    """``[zeros, nonzeros that would be 0 in FP16 unscaled, would be subnormal, max |g|, elements]`` of one gradient,
+    as FP32 on its device (no host sync). ``g`` is scaled by ``scale``, so the thresholds are scaled instead of
+    ``g`` (exact for a power-of-2 scale): three counts of ``|g|`` below a bound, one pass each."""
     mag = g.detach().abs().float()
-    true = mag / scale
-    return torch.stack([
-        torch.count_nonzero(mag == 0).float(),
-        torch.count_nonzero((mag != 0) & (true < FP16_SMALLEST_SUBNORMAL)).float(),
-        torch.count_nonzero((true >= FP16_SMALLEST_SUBNORMAL) & (true < FP16_SMALLEST_NORMAL)).float(),
-        mag.max() if mag.numel() else mag.new_zeros(()),  # max keeps inf and NaN: an overflow shows
-        torch.tensor(float(g.numel()), device=g.device)])
+    zeros = torch.count_nonzero(mag == 0)
+    below_subnormal = torch.count_nonzero(mag < FP16_SMALLEST_SUBNORMAL * scale)  # zeros included
+    below_normal = torch.count_nonzero(mag < FP16_SMALLEST_NORMAL * scale)
+    return torch.stack([zeros.float(), (below_subnormal - zeros).float(), (below_normal - below_subnormal).float(),
+                        mag.max() if mag.numel() else mag.new_zeros(()),  # max keeps inf and NaN: an overflow shows
+                        torch.tensor(float(g.numel()), device=g.device)])
 
 
 def _combine(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -605,6 +605,33 @@ def test_report_of_a_real_tiny_study(tiny_cifar, tmp_path, capsys):
     assert column[CLASSES[3]] == pytest.approx(manual["per_class_accuracy"][CLASSES[3]])
 
 
+def test_layer_heatmaps_show_each_groups_layers_by_step_and_only_where_measured(tiny_cifar, tiny_models, tmp_path,
+                                                                                  capsys):
+    from mixprec.report.figures import LAYER_PANELS, layer_grads_figure, layer_grid
+    from mixprec.run import main as run
+
+    common = ["--model", "tiny", "--epochs", "1", "--batch-size", "40", "--device", "cpu", "--test-subset", "40",
+              "--data", str(tiny_cifar["pickles"]), "--out", str(tmp_path)]
+    assert run(["--mode", "baseline", *common]) == 0
+    out, _, _ = report(tmp_path, capsys)
+    assert not (out / "layer_grads_activation.png").exists()
+    for seed in ("0", "1"):
+        assert run(["--mode", "manual", "--seed", seed, "--layer-stats-every", "2", *common]) == 0
+    out, _, _ = report(tmp_path, capsys)
+    assert "](layer_grads_activation.png)" in (out / "report.md").read_text()
+    assert (out / "layer_grads_weight.png").exists()
+
+    groups = [g for g in group_runs(load_results(tmp_path)[0]) if g.runs[0].layers is not None]
+    (manual,) = groups
+    grid = layer_grid(manual.runs, "activation", "zero_frac")
+    assert list(grid.index) == ["conv", "bn", "fc"] and list(grid.columns) == [1, 3]
+    by_seed = [r.layers.query("tensor == 'activation' and statistic == 'zero_frac' and layer == 'bn' and step == 3")
+               for r in manual.runs]
+    assert grid.loc["bn", 3] == pytest.approx(sum(float(f.value.iloc[0]) for f in by_seed) / 2)  # mean over seeds
+    fig = layer_grads_figure(groups, "weight")
+    assert len(fig.axes) == len(LAYER_PANELS) + len(LAYER_PANELS)  # one row of panels, and a colour bar for each
+
+
 def test_telemetry_table_lists_skips_per_seed_and_means_over_measured_steps(tmp_path, capsys):
     make_run(tmp_path, "b0", mode="baseline")
     m0 = make_run(tmp_path, "m0", mode="manual", loss_scales=[4.0, 2.0, 1.0, 1.0], skipped=(2, 3))

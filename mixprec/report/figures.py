@@ -337,6 +337,67 @@ def lost_updates_figure(groups: list[Group]):
     return fig
 
 
+LAYER_PANELS = (  # layer_grads.csv's statistics drawn, with their colour-bar labels and how they are shown
+    ("zero_frac", "zero as computed (%)", 100.0),
+    ("fp16_underflow_frac", "nonzero, but 0 in FP16 at scale 1 (%)", 100.0),
+    ("headroom_log2", "headroom to FP16's 65504\nat the step's scale (binades)", 1.0),
+)
+LAYER_TENSORS = ("activation", "weight")
+
+
+def layer_grid(runs: list[Run], tensor: str, statistic: str) -> pd.DataFrame:
+    """One statistic of ``tensor`` gradients as a layer x step frame (layers in network order), the mean over
+    ``runs`` (seeds of one group measure the same steps and layers); an all-zero gradient's infinite headroom
+    is left blank."""
+    frames = [r.layers[(r.layers.tensor == tensor) & (r.layers.statistic == statistic)]
+              for r in runs if r.layers is not None]
+    rows = pd.concat(frames)
+    order = list(dict.fromkeys(rows.layer))
+    grid = rows.replace([np.inf], np.nan).pivot_table(index="layer", columns="step", values="value", aggfunc="mean",
+                                                      dropna=False)
+    return grid.reindex(order)
+
+
+def layer_grads_figure(groups: list[Group], tensor: str = "activation"):
+    """A layer x step heatmap per group with ``--layer-stats-every`` runs (rows of panels) and per statistic of
+    :data:`LAYER_PANELS` (columns), for the ``tensor`` gradients; one colour scale per column, shared by the
+    groups, so that the rows compare. None when no run measured it."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    measured = [g for g in groups if any(r.layers is not None for r in g.runs)]
+    if not measured:
+        return None
+    grids = {(g.title, stat): layer_grid(g.runs, tensor, stat) * factor
+             for g in measured for stat, _, factor in LAYER_PANELS}
+    layers = max(len(grid) for grid in grids.values())
+    fig = _figure(4.4 * len(LAYER_PANELS) + 1.5, max(2.6, 1.2 + 0.022 * layers) * len(measured) + 0.6)
+    axes = fig.subplots(len(measured), len(LAYER_PANELS), squeeze=False)
+    for col, (stat, label, _) in enumerate(LAYER_PANELS):
+        values = np.concatenate([grids[g.title, stat].to_numpy().ravel() for g in measured])
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if stat == "headroom_log2" and lo < 0 < hi:  # below 0 it overflowed: diverge around it
+            norm, cmap = TwoSlopeNorm(0.0, lo, hi), "RdBu"
+        else:
+            norm, cmap = Normalize(0.0 if stat != "headroom_log2" else lo, max(hi, 1e-9)), "viridis"
+        for row, g in enumerate(measured):
+            ax, grid = axes[row][col], grids[g.title, stat]
+            steps = grid.columns.to_numpy(dtype=float)
+            edges = (np.concatenate([[steps[0] - 0.5], (steps[1:] + steps[:-1]) / 2, [steps[-1] + 0.5]])
+                     if len(steps) > 1 else np.array([steps[0] - 0.5, steps[0] + 0.5]))
+            mesh = ax.pcolormesh(edges, np.arange(len(grid) + 1), grid.to_numpy(), norm=norm, cmap=cmap)
+            ax.set_ylim(len(grid), 0)  # the first layer on top
+            every = max(1, math.ceil(len(grid) / 24))
+            ax.set_yticks(np.arange(0, len(grid), every) + 0.5, grid.index[::every], fontsize=5)
+            ax.set_xlabel("optimizer step", fontsize=8)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.set_title(g.title if col == 0 else "", fontsize=8, loc="left")
+        fig.colorbar(mesh, ax=[axes[r][col] for r in range(len(measured))], label=label, shrink=0.9,
+                     location="bottom", aspect=30)
+    fig.suptitle(f"{tensor} gradients, layer by layer (--layer-stats-every; mean over seeds)", fontsize=10)
+    return fig
+
+
 CAPTIONS = {
     "confusion_matrices.png": "Test-set confusion matrices per group, summed over seeds and normalized per true "
                               "class (each row sums to 1).",
@@ -361,6 +422,15 @@ CAPTIONS = {
                         "rounded back to w (dotted); with stochastic and kahan, the percentage that rounding the "
                         "same updates to nearest would have lost (dash-dotted); with the learning rate (dashed, "
                         "right axis); one line per seed.",
+    "layer_grads_activation.png": "Per layer (rows, in network order) and measured step (columns), the gradient "
+                                  "w.r.t. each Conv2d, BatchNorm and Linear layer's output (--layer-stats-every, "
+                                  "mean over seeds): the percentage of elements that are zero as the backward pass "
+                                  "computed them (what FP16 flushed, and the zeros behind a ReLU that was off), "
+                                  "the percentage that are nonzero but would be 0 in FP16 without the loss scale "
+                                  "(what the scale kept), and the headroom, in binades, between the largest "
+                                  "scaled gradient and FP16's 65504 (below 0: it overflowed). One colour scale "
+                                  "per column, shared by the rows.",
+    "layer_grads_weight.png": "The same for each layer's weight gradient.",
 }
 
 
@@ -370,7 +440,8 @@ def write_figures(out: Path, groups: list[Group]) -> list[str]:
     for name, make in (("confusion_matrices.png", confusion_figure), ("curves.png", curves_figure),
                        ("time_to_accuracy.png", time_to_accuracy_figure), ("loss_scale.png", loss_scale_figure),
                        ("memory.png", memory_figure), ("fp8.png", fp8_figure),
-                       ("lost_updates.png", lost_updates_figure)):
+                       ("lost_updates.png", lost_updates_figure),
+                       *((f"layer_grads_{t}.png", lambda gs, t=t: layer_grads_figure(gs, t)) for t in LAYER_TENSORS)):
         fig = make(groups)
         if fig is None:
             (out / name).unlink(missing_ok=True)  # an earlier report's figure would contradict this one

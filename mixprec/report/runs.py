@@ -23,6 +23,7 @@ REQUIRED = {
     "summary.json": SUMMARY_REQUIRED,
     "epochs.csv": ("epoch", "train_loss", "train_acc", "val_loss", "val_acc"),
     "steps.csv": ("step", "loss_scale", "skipped"),
+    "layer_grads.csv": ("step", "value"),  # and the text columns layer, tensor, statistic (mixprec.layerstats)
     INFERENCE_CSV: ("image_size", "batch_size", "repeats", "mean_ms", "std_ms", "peak_memory_bytes"),
 }
 RERUN = "run `python -m mixprec.run --mode ...` or `python -m mixprec.study ...` first"
@@ -42,6 +43,7 @@ class Run:
     summary: dict
     epochs: pd.DataFrame
     steps: pd.DataFrame | None = None
+    layers: pd.DataFrame | None = None  # layer_grads.csv of a --layer-stats-every run
     untimed: str | None = None  # why this run's times are not counted (from UNTIMED), or None
 
     @property
@@ -167,11 +169,14 @@ def load_run(path: Path) -> Run | Excluded:
         env = _require(_read_json(path, "env.json"), "env.json")
         epochs = read_csv(path, "epochs.csv", required=True)
         steps = read_csv(path, "steps.csv", required=False)
+        layers = read_csv(path, "layer_grads.csv", required=False)
+        if layers is not None and not {"layer", "tensor", "statistic"} <= set(layers.columns):
+            raise BadRun("layer_grads.csv lacks the column(s) layer, tensor or statistic")
     except BadRun as e:
         return Excluded(path, "unreadable", str(e))
     if steps is not None:
         steps["skipped"] = skipped_flags(steps["skipped"])
-    return Run(path, config, env, {**summary, "loss_scaler": loss_scaler(config, summary)}, epochs, steps)
+    return Run(path, config, env, {**summary, "loss_scaler": loss_scaler(config, summary)}, epochs, steps, layers)
 
 
 def loss_scaler(config: dict, summary: dict) -> str | None:
