@@ -185,6 +185,7 @@ class Loop:
     stop: object = None  # a threading.Event: stop after the step in progress
     best_val_acc: float = -1.0
     last_finite_loss: float = math.nan
+    memory_settled: bool = False  # result.memory was measured on a step that was taken (not skipped)
 
 
 @dataclass
@@ -246,7 +247,7 @@ class EpochStats:
     seconds_before: float  # training time this epoch had before an interruption (0 if none)
     warmup_seconds: float  # time of the first epoch's warm-up steps (0 in later epochs)
     warmup_images: int
-    memory: dict  # bytes by role, measured on this process's first step
+    memory: dict | None  # bytes by role, measured on this process's first step that was not skipped
 
 
 def _check_losses(loop: Loop, losses: torch.Tensor, epoch: int, last_finite_loss: float) -> float:
@@ -266,7 +267,8 @@ def _check_losses(loop: Loop, losses: torch.Tensor, epoch: int, last_finite_loss
 
 def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
     """One pass over the training split; ``partial`` continues an epoch that an interruption cut short.
-    Without a memory breakdown yet, the first step measures one."""
+    Until a step that was not skipped has measured a memory breakdown, every step measures one: a skipped
+    step never reaches the optimizer, so its breakdown would show no optimizer state."""
     precision, loader, result = loop.precision, loop.loader, loop.result
     loop.model.train()
     n = len(loader)
@@ -280,10 +282,12 @@ def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
                leave=False, file=sys.stderr, dynamic_ncols=True, disable=None if distributed.is_main() else True)
     for i, (images, labels) in enumerate(bar, start=begin):
         p.lrs.append(precision.optimizer.param_groups[0]["lr"])
-        with SavedTensorBytes() if memory is None else nullcontext() as saved:
+        measure_memory = not loop.memory_settled
+        with SavedTensorBytes() if measure_memory else nullcontext() as saved:
             out = precision.step(images, labels)
-        if memory is None:
+        if measure_memory:
             memory = breakdown(loop.model, precision.master, precision.optimizer, saved.bytes)
+            loop.memory_settled = not out.skipped
         if not out.skipped:
             loop.scheduler.step()
         p.losses[i] = out.loss

@@ -77,3 +77,15 @@ def test_activation_bytes_of_a_two_layer_net_by_hand():
     with SavedTensorBytes() as saved:
         net.half()(torch.randn(5, 8).half())
     assert saved.bytes == (160 + 320 + 256) // 2
+
+
+def test_the_breakdown_comes_from_the_first_step_that_was_not_skipped(tiny_cifar, tiny_models):
+    """A skipped first step never reaches the optimizer, which then holds no momentum: the breakdown waits for
+    the first step taken, and shows the optimizer state it holds."""
+    from tests.conftest import train_tiny
+
+    skipped = train_tiny(tiny_cifar, inject_overflow=(1, 2))
+    clean = train_tiny(tiny_cifar)
+    assert skipped.skipped_steps == 2
+    assert skipped.memory["optimizer_state"] == clean.memory["optimizer_state"] > 0
+    assert skipped.memory["master_weights"] == clean.memory["master_weights"]

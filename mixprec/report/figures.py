@@ -245,7 +245,7 @@ def memory_figure(groups: list[Group]):
         left += widths
     ax_roles.set_yticks(y, [g.title for g in groups], fontsize=8)
     ax_roles.invert_yaxis()
-    ax_roles.set_xlabel("MiB (mean over seeds, measured on the first training step)")
+    ax_roles.set_xlabel("MiB (mean over seeds, measured on the first training step taken)")
     ax_roles.set_title("memory by role")
     peaks = np.array([g.values("peak_memory_bytes").mean() / MIB for g in groups])
     on_cpu = np.array([any(r.on_cpu for r in g.runs) for g in groups])
@@ -409,7 +409,7 @@ CAPTIONS = {
                             f"{UNTIMED} names are left out (n counts the runs drawn).",
     "loss_scale.png": "The loss scale at every optimizer step (log2 axis), one panel per seed: PyTorch's GradScaler "
                       "(amp) and ours (manual) overlaid; red crosses mark the steps skipped on overflow.",
-    "memory.png": "Mean memory by role, measured on the first training step (left), and the mean peak memory "
+    "memory.png": "Mean memory by role, measured on the first training step that was not skipped (left), and the mean peak memory "
                   "(right; on a CPU the process's peak resident memory).",
     "fp8.png": "FP8 telemetry (--fp8) at the measured steps (every --telemetry-every): the fraction "
                "of elements saturated (where a plain cast would have overflowed), the fraction flushed to zero "
