@@ -22,6 +22,14 @@ edges, as in the paper's figure.
 
 Writes ``gradstats-<model>.csv`` (histogram), ``gradstats-<model>-fractions.csv`` and
 ``gradstats-<model>.png`` into ``--out``.
+
+``--models A B ...`` instead surveys several models (:func:`survey_model`): for each, the gradients of one
+batch of ``--batch-size`` real training images, at initialisation and again after ``--steps`` FP32 SGD steps,
+summed up layer by layer without keeping them (a log2 histogram of 1/8 binade per layer). It writes
+``survey.csv`` (per model, point and kind: the shares that underflow FP16 at scale 1, the smallest scale that
+lifts 99.9% of the nonzero gradients into FP16's normal range, the largest that does not overflow),
+``survey-layers.csv`` (every layer's shares and scale), ``survey.md`` (the tables, with the five layers
+most at risk per model) and ``survey.png``.
 """
 
 from __future__ import annotations
@@ -151,6 +159,266 @@ def plot(edges: np.ndarray, counts: dict, fractions, model: str, batch_size: int
     return fig
 
 
+# --models: the survey. Each layer's gradients are summed up as they arrive (a model's activation gradients at
+# batch 128 can outgrow the memory), into a log2 histogram fine enough for scales (1/8 binade) and wide enough
+# for any gradient FP16 could hold or lose; the rare magnitudes outside it count in its end bins.
+BINS_PER_BINADE = 8
+LOG2_LOW, LOG2_HIGH = -80, 24
+N_BINS = (LOG2_HIGH - LOG2_LOW) * BINS_PER_BINADE
+LIFTED = 0.999  # the smallest scale lifts this share of the nonzero gradients into FP16's normal range
+AT_RISK = 5  # layers listed per model and point
+
+
+def _bin(log2_value: float) -> int:
+    return (log2_value - LOG2_LOW) * BINS_PER_BINADE
+
+
+class LayerSums:
+    """Per (layer, kind): elements, zeros, the largest |g| and a log2 histogram of the nonzero |g|."""
+
+    def __init__(self):
+        self.sums: dict[tuple[str, str], dict] = {}
+
+    @torch.no_grad()
+    def add(self, layer: str, kind: str, g: torch.Tensor) -> None:
+        mag = g.detach().abs().float().flatten()
+        nonzero = mag[mag > 0]
+        # in float64: a float32 log2 rounds values just below a power of 2 onto it, and so into the bin above
+        bins = ((nonzero.double().log2() - LOG2_LOW) * BINS_PER_BINADE).floor_().clamp_(0, N_BINS - 1).long()
+        entry = self.sums.setdefault((layer, kind), {"elements": 0, "zeros": 0, "max_abs": 0.0,
+                                                     "hist": torch.zeros(N_BINS, dtype=torch.int64)})
+        entry["elements"] += mag.numel()
+        entry["zeros"] += mag.numel() - nonzero.numel()
+        entry["max_abs"] = max(entry["max_abs"], float(mag.max()) if mag.numel() else 0.0)
+        entry["hist"] += torch.bincount(bins, minlength=N_BINS).cpu()
+
+
+def layer_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerSums:
+    """One FP32 forward/backward pass of cross-entropy on ``(x, y)``, summed up per layer: the gradient of every
+    captured module's output (``activation``, under the module's name; see the module docstring) and of every
+    parameter (``weight``, under the parameter's name)."""
+    sums = LayerSums()
+    names = {m: name for name, m in model.named_modules()}
+
+    def on_forward(module, inputs, output):
+        output.register_hook(lambda g: sums.add(names[module], "activation", g))
+
+    handles = [m.register_forward_hook(on_forward) for m in model.modules() if _captured(m)]
+    model.zero_grad(set_to_none=True)
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            sums.add(name, "weight", p.grad)
+    return sums
+
+
+def fp16_view(elements: int, zeros: int, max_abs: float, hist: torch.Tensor) -> dict:
+    """What FP16 makes of gradients summed up as :class:`LayerSums` does: the shares of all elements that are
+    zero, that are nonzero and become 0 at scale 1, and that are subnormal there; the share of the nonzero ones
+    below FP16's normal range; the smallest scale (log2) that lifts :data:`LIFTED` of the nonzero ones into the
+    normal range (from the histogram: exact to 1/8 binade, rounded up), the largest (log2) that keeps the
+    largest below 65504, and the window between them."""
+    nonzero = int(hist.sum())
+    underflow = int(hist[: int(_bin(-24))].sum())
+    below_normal = int(hist[: int(_bin(-14))].sum())
+    if nonzero:
+        first = int(torch.searchsorted(hist.cumsum(0), (1 - LIFTED) * nonzero, right=False))
+        min_scale_log2 = -14 - (LOG2_LOW + first / BINS_PER_BINADE)  # lifts that bin's lower edge to 2^-14
+    else:
+        min_scale_log2 = math.nan
+    max_scale_log2 = math.log2(FP16_MAX / max_abs) if max_abs > 0 else math.inf
+    return {"elements": elements, "zero_frac": zeros / elements, "underflow_frac": underflow / elements,
+            "subnormal_frac": (below_normal - underflow) / elements,
+            "below_normal_of_nonzero": below_normal / nonzero if nonzero else math.nan,
+            "min_scale_log2": min_scale_log2, "max_scale_log2": max_scale_log2,
+            "window_binades": max_scale_log2 - min_scale_log2, "max_abs": max_abs}
+
+
+def summarize(sums: LayerSums) -> tuple[list[dict], list[dict]]:
+    """Per kind (``activation``, ``weight`` and ``all``: both) and per layer, :func:`fp16_view`'s figures."""
+    totals = []
+    for kind in (*KINDS, "all"):
+        entries = [e for (_, k), e in sums.sums.items() if kind in (k, "all")]
+        totals.append({"kind": kind, **fp16_view(sum(e["elements"] for e in entries), sum(e["zeros"] for e in entries),
+                                                 max(e["max_abs"] for e in entries), sum(e["hist"] for e in entries))})
+    layers = [{"layer": layer, "kind": kind, **fp16_view(e["elements"], e["zeros"], e["max_abs"], e["hist"])}
+              for (layer, kind), e in sums.sums.items()]
+    return totals, layers
+
+
+def survey_model(name: str, splits, device: torch.device, *, batch_size: int, steps: int, train_batch_size: int,
+                 lr: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """``name`` freshly built (seed ``seed``), measured on one augmented training batch of ``batch_size`` at
+    initialisation, then trained ``steps`` FP32 SGD steps (batches of ``train_batch_size``, Nesterov momentum
+    0.9, weight decay 5e-4, constant ``lr``) and measured again on the same batch: the rows of
+    :func:`summarize`, with ``model`` and ``point``."""
+    from tqdm.auto import tqdm
+
+    from .data import CifarLoader
+    from .models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name).to(device).train()
+    x, y = next(iter(CifarLoader(*splits.train, batch_size, train=True, device=device, seed=seed)))
+    totals, layers = [], []
+
+    def measure(point: str):
+        t, per_layer = summarize(layer_sums(model, x, y))
+        totals.extend({"model": name, "point": point, **row} for row in t)
+        layers.extend({"model": name, "point": point, **row} for row in per_layer)
+
+    measure("init")
+    if steps:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        loader = CifarLoader(*splits.train, train_batch_size, train=True, device=device, seed=seed + 1)
+        done, epoch = 0, 0
+        with tqdm(total=steps, desc=f"{name}: training", unit="step", leave=False, file=sys.stderr) as bar:
+            while done < steps:
+                loader.set_epoch(epoch)
+                for images, labels in loader:
+                    opt.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(model(images), labels)
+                    loss.backward()
+                    opt.step()
+                    done += 1
+                    bar.update()
+                    if done == steps:
+                        break
+                epoch += 1
+        if not math.isfinite(loss.item()):
+            raise UsageError(f"{name} diverged in the survey's training (loss {loss.item()}); lower --lr")
+        measure(f"after {steps} steps")
+    return totals, layers
+
+
+def at_risk(layers: pd.DataFrame, n: int = AT_RISK) -> pd.DataFrame:
+    """Per model and point, the ``n`` layers whose gradients need the largest scale to stay in FP16's normal
+    range (then: the largest share of nonzero gradients below it at scale 1)."""
+    group = {key: i for i, key in enumerate(dict.fromkeys(zip(layers.model, layers.point)))}  # in survey order
+    ranked = layers.assign(group=[group[key] for key in zip(layers.model, layers.point)]).sort_values(
+        ["group", "min_scale_log2", "below_normal_of_nonzero"], ascending=[True, False, False], kind="stable")
+    return ranked.groupby("group", sort=False).head(n).drop(columns="group")
+
+
+def survey_figure(totals: pd.DataFrame, batch_size: int):
+    """Left: the share of nonzero activation and weight gradients that FP16 at scale 1 flushes to 0 (dark) or
+    makes subnormal (light), per model and point. Right: the window of workable loss scales (all gradients):
+    from the smallest that keeps 99.9% of them normal to the largest that does not overflow, with GradScaler's
+    initial 2^16."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    models, points = list(dict.fromkeys(totals.model)), list(dict.fromkeys(totals.point))
+    fig = Figure(figsize=(max(10, 1.4 * len(models) + 4), 8.5), dpi=150, layout="constrained")
+    ax_share, ax_window = fig.subplots(2, 1)
+    bars = [(kind, point) for kind in KINDS for point in points]
+    width = 0.8 / len(bars)
+    colours = {("activation", 0): "tab:blue", ("activation", 1): "tab:cyan", ("weight", 0): "tab:orange",
+               ("weight", 1): "tab:olive"}
+    for j, (kind, point) in enumerate(bars):
+        rows = totals[(totals.kind == kind) & (totals.point == point)].set_index("model").reindex(models)
+        nonzero = 1 - rows.zero_frac
+        under, sub = 100 * rows.underflow_frac / nonzero, 100 * rows.subnormal_frac / nonzero
+        xs = np.arange(len(models)) + (j - (len(bars) - 1) / 2) * width
+        colour = colours[kind, points.index(point) % 2]
+        ax_share.bar(xs, under, width, color=colour)
+        ax_share.bar(xs, sub, width, bottom=under, color=colour, alpha=0.35)
+    ax_share.set_xticks(np.arange(len(models)), models, rotation=20, fontsize=8)
+    ax_share.set_ylabel("% of nonzero gradients")
+    ax_share.set_ylim(0, 100)
+    ax_share.set_title(f"In FP16 at scale 1: become 0 (solid) or subnormal (pale); one batch of {batch_size}",
+                       fontsize=10)
+    handles = [Patch(color=colours[kind, points.index(point) % 2], label=f"{kind} gradients, {point}")
+               for kind, point in bars]
+    ax_share.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for j, point in enumerate(points):
+        rows = totals[(totals.kind == "all") & (totals.point == point)].set_index("model").reindex(models)
+        xs = np.arange(len(models)) + (j - (len(points) - 1) / 2) * 0.3
+        closed = rows.max_scale_log2 < rows.min_scale_log2  # no single scale does both
+        ax_window.vlines(xs, rows.min_scale_log2, rows.max_scale_log2, lw=5, alpha=0.6,
+                         colors=[("tab:red" if c else f"C{j}") for c in closed])
+        ax_window.scatter(xs, rows.min_scale_log2, marker="^", color=f"C{j}", zorder=3,
+                          label=f"{point}: smallest scale keeping {LIFTED:.1%} of nonzero gradients normal")
+        ax_window.scatter(xs, rows.max_scale_log2, marker="v", color=f"C{j}", edgecolor="k", zorder=3,
+                          label=f"{point}: largest scale without overflow")
+    ax_window.axhline(16, color="k", ls="--", lw=1, label="GradScaler's initial scale $2^{16}$")
+    ax_window.axhline(0, color="0.5", ls=":", lw=1, label="no scaling ($2^0$)")
+    ax_window.set_xticks(np.arange(len(models)), models, rotation=20, fontsize=8)
+    ax_window.set_ylabel("log2 loss scale")
+    ax_window.set_title("Window of loss scales, all gradients (red: the bounds cross)", fontsize=10, loc="left")
+    ax_window.grid(axis="y", alpha=0.3)
+    ax_window.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def survey_markdown(totals: pd.DataFrame, risky: pd.DataFrame, args: argparse.Namespace) -> str:
+    """survey.md: how it was measured, the per-model table and the layers most at risk."""
+    def pct(v):
+        return _percent(v)
+
+    lines = ["# FP16 gradient numerics survey", "",
+             f"Generated by `{PROG} --models {' '.join(args.models)} --batch-size {args.batch_size} --steps "
+             f"{args.steps} --train-batch-size {args.train_batch_size} --lr {args.lr:g} --seed {args.seed}`. One "
+             f"augmented batch of {args.batch_size} training images, FP32 forward and backward, measured at "
+             f"initialisation and after {args.steps} FP32 SGD steps (batches of {args.train_batch_size}). "
+             "Shares are of all elements; the scales are powers of 2 as log2: the smallest keeps "
+             f"{LIFTED:.1%} of the nonzero gradients at or above FP16's smallest normal 2^-14 (to 1/8 binade, "
+             "rounded up), the largest keeps the largest gradient at or below 65504.", "",
+             "| model | point | gradients | elements | zero | become 0 in FP16 at scale 1 | subnormal at scale 1 "
+             "| smallest scale (log2) | largest scale (log2) | window (binades) |", "|---" * 10 + "|"]
+    for r in totals.itertuples():
+        lines.append(f"| {r.model} | {r.point} | {r.kind} | {r.elements:,} | {pct(r.zero_frac)} | "
+                     f"{pct(r.underflow_frac)} | {pct(r.subnormal_frac)} | {r.min_scale_log2:.2f} | "
+                     f"{r.max_scale_log2:.2f} | {r.window_binades:.2f} |")
+    lines += ["", f"## The {AT_RISK} layers most at risk per model and point", "",
+              "Ranked by the scale their own gradients need (then by the share of nonzero ones below FP16's "
+              "normal range at scale 1). `activation` is the gradient w.r.t. the module's output, `weight` a "
+              "parameter's gradient.", "",
+              "| model | point | layer | gradients | below normal at scale 1 (of nonzero) | become 0 at scale 1 | "
+              "scale needed (log2) |", "|---" * 7 + "|"]
+    for r in risky.itertuples():
+        lines.append(f"| {r.model} | {r.point} | `{r.layer}` | {r.kind} | {pct(r.below_normal_of_nonzero)} | "
+                     f"{pct(r.underflow_frac)} | {r.min_scale_log2:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _survey(args: argparse.Namespace, out: Path) -> int:
+    import pandas as pd
+
+    from .data import load_cifar10, make_splits
+    from .device import resolve_device
+    from .results import write_csv, write_figure, write_text
+
+    device = resolve_device(args.device)
+    splits = make_splits(load_cifar10(args.data))
+    totals, layers = [], []
+    for name in args.models:
+        t, per_layer = survey_model(name, splits, device, batch_size=args.batch_size, steps=args.steps,
+                                    train_batch_size=args.train_batch_size, lr=args.lr, seed=args.seed)
+        totals += t
+        layers += per_layer
+        done = pd.DataFrame(t)
+        print(done[done.kind == "all"][["model", "point", "underflow_frac", "subnormal_frac", "min_scale_log2",
+                                        "max_scale_log2"]].to_string(index=False, header=name == args.models[0]),
+              flush=True)
+    totals, layers = pd.DataFrame(totals), pd.DataFrame(layers)
+    risky = at_risk(layers)
+    paths = [out / name for name in ("survey.csv", "survey-layers.csv", "survey.md", "survey.png")]
+    try:
+        write_csv(paths[0], totals)
+        write_csv(paths[1], layers)
+        write_text(paths[2], survey_markdown(totals, risky, args))
+        write_figure(paths[3], survey_figure(totals, args.batch_size))
+    except OSError as e:
+        raise UsageError(f"cannot write into --out directory {out} ({e.strerror}); pass a writable one") from None
+    print("wrote", *paths, sep="\n  ")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; a bad option is one line on stderr and exit code 2, as in ``mixprec.run``."""
     from .models import MODELS
@@ -159,13 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Histogram one batch's activation and weight gradients in log2 against "
                        "FP16's range, at loss scale 1 and --scale (Micikevicius et al. 2018, Fig. 3); "
                        "write gradstats-<model>.png, .csv and -fractions.csv into --out.")
-    p.add_argument("--model", default="resnet20", choices=tuple(MODELS), help="architecture, freshly initialised")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default="resnet20", choices=tuple(MODELS),
+                       help="architecture, freshly initialised: one batch's histogram figure")
+    which.add_argument("--models", nargs="+", choices=tuple(MODELS), metavar="MODEL",
+                       help="survey these models instead, at initialisation and after --steps (survey.csv, "
+                       "survey-layers.csv, survey.md, survey.png)")
     p.add_argument("--data", default=None, help="CIFAR-10, as mixprec.run's --data takes it; None: $MIXPREC_DATA, "
                    "else ~/.cache/mixprec/cifar10")
     p.add_argument("--batch-size", type=int, default=128, help="images in the one measured training batch")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial weights, batch and augmentation")
     p.add_argument("--scale", type=float, default=65536.0,
                    help="loss scale to evaluate; 65536 = 2^16 is GradScaler's initial scale")
+    p.add_argument("--steps", type=int, default=200, help="--models: FP32 SGD steps before the second measurement")
+    p.add_argument("--train-batch-size", type=int, default=32, help="--models: images per training step")
+    p.add_argument("--lr", type=float, default=0.02, help="--models: the training steps' constant learning rate")
     add_device_option(p)
     p.add_argument("--out", default="results/gradstats", help="output directory, created if missing")
     return p
@@ -188,11 +464,18 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     if not (math.isfinite(args.scale) and args.scale > 0):
         raise UsageError(f"--scale must be a positive finite number, got {args.scale}")
+    if args.steps < 0 or args.train_batch_size <= 0:
+        raise UsageError("--steps must be 0 or more and --train-batch-size positive, got "
+                         f"{args.steps} and {args.train_batch_size}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
     out = Path(args.out)
     try:  # before the data is decoded, so a bad --out fails in a second
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create --out directory {out} ({e.strerror}); pass a writable one") from None
+    if args.models:
+        return _survey(args, out)
     # imported after parsing, so that --help and a mistyped option answer fast
     import pandas as pd
 

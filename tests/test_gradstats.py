@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -88,3 +89,43 @@ def test_bad_batch_size_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m mixprec.gradstats: error: --batch-size"), proc.stderr
+
+
+def test_survey_figures_of_known_gradients():
+    """Six elements: one zero, one below 2^-24 (0 in FP16), one subnormal, three normal; the largest 4. The
+    smallest scale lifting 99.9% of the five nonzero ones must lift the smallest, 2^-30, to 2^-14: 2^16."""
+    sums = gradstats.LayerSums()
+    sums.add("conv", "activation", torch.tensor([0.0, 2.0**-30, 2.0**-20, 2.0**-10, 1.0, -4.0]))
+    view = gradstats.fp16_view(**{k: v for k, v in sums.sums["conv", "activation"].items()})
+    assert view["elements"] == 6 and view["zero_frac"] == 1 / 6
+    assert view["underflow_frac"] == 1 / 6 and view["subnormal_frac"] == 1 / 6
+    assert view["below_normal_of_nonzero"] == 2 / 5
+    assert view["min_scale_log2"] == 16 and view["max_scale_log2"] == math.log2(65504 / 4)
+    assert view["window_binades"] == pytest.approx(math.log2(65504 / 4) - 16)
+
+
+def test_survey_on_synthetic_data_agrees_with_the_exact_fractions(tiny_cifar, tmp_path):
+    out = tmp_path / "out"
+    args = ["--models", "resnet20", "--data", str(tiny_cifar["pickles"]), "--batch-size", "16", "--steps", "2",
+            "--train-batch-size", "8", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(f.name for f in out.iterdir()) == ["survey-layers.csv", "survey.csv", "survey.md", "survey.png"]
+    totals = pd.read_csv(out / "survey.csv")
+    assert list(totals.point.unique()) == ["init", "after 2 steps"] and set(totals.kind) == {*KINDS, "all"}
+    act = totals[(totals.point == "init") & (totals.kind == "activation")].iloc[0]
+    assert act.elements == 16 * (21 * 16 * 32 * 32 + 20 * 32 * 16 * 16 + 20 * 64 * 8 * 8 + 10)  # as above
+    # the same batch and initial weights, through the exact path of the one-model figure
+    from mixprec.data import CifarLoader, load_cifar10, make_splits
+
+    splits = make_splits(load_cifar10(tiny_cifar["pickles"]))
+    torch.manual_seed(0)
+    model = build_model("resnet20").train()
+    x, y = next(iter(CifarLoader(*splits.train, 16, train=True, device="cpu", seed=0)))
+    exact = gradstats.fp16_fractions(gradstats.capture_gradients(model, x, y)["activation"], 1.0)
+    assert act.zero_frac == pytest.approx(exact["zero"], abs=1e-9)
+    assert act.underflow_frac == pytest.approx(exact["underflow_to_zero"], abs=1e-12)  # counts: exact
+    assert act.subnormal_frac == pytest.approx(exact["subnormal"], abs=1e-12)
+    layers = pd.read_csv(out / "survey-layers.csv")
+    assert layers.groupby(["point", "kind"]).elements.sum()["init", "activation"] == act.elements
+    text = (out / "survey.md").read_text()
+    assert text.count("| resnet20 | init | `") == text.count("| resnet20 | after 2 steps | `") == 5
