@@ -459,6 +459,7 @@ TELEMETRY = {
     "grad_zero_frac": "zero half gradients",
     "grad_underflow_frac": "gradients below FP16 normal unscaled",
     "fp8_grad_flushed_frac": "FP8 gradients flushed to 0",
+    "fp8_grad_saturated_frac": "FP8 gradients saturated",
     "fp8_activation_saturated_frac": "FP8 activations saturated",
     "update_lost_frac": "updates lost to rounding",
     "decay_lost_frac": "weight decays lost to rounding",
@@ -511,7 +512,7 @@ def telemetry_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
     return ("Skipped optimizer steps per seed, and the telemetry's means over the measured steps (`steps.csv`, "
             "every `--telemetry-every` steps), as percentages of the elements: exact zeros in the half gradients "
             "backward produced; unscaled gradients below FP16's smallest normal, 2^-14 (what FP16 would lose "
-            "without loss scaling); FP8 gradients flushed to zero and activations saturated; without master "
+            "without loss scaling); FP8 gradients flushed to zero, FP8 gradients and activations saturated; without master "
             "weights, nonzero SGD updates and weight decays that rounding to the weights' precision swallowed (the "
             "updates also over the last epoch alone, where a decaying lr is smallest). Blank: not measured in "
             "that mode.\n\n" + markdown_table(shown))
