@@ -146,6 +146,9 @@ def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: St
     if result.test:
         cm = pd.DataFrame(result.test["confusion_matrix"], index=splits.classes, columns=splits.classes)
         write_csv(run_dir / "confusion_matrix.csv", cm.rename_axis("true\\predicted").reset_index())
+        # every test image's label and prediction, in the test split's order: which images a mode changes
+        write_csv(run_dir / "test_predictions.csv",
+                  pd.DataFrame({"label": splits.test[1].numpy(), "prediction": result.test["predictions"]}))
     write_json(run_dir / "summary.json", summary(cfg, result, splits).to_json())
     if result.status == "interrupted":
         log(f"{result.error}: python -m mixprec.run --resume {run_dir}")

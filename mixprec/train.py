@@ -433,6 +433,6 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
         labels = splits.test[1].numpy()
         cm = confusion_matrix(labels, preds.numpy(), labels=list(range(len(splits.classes))))
         per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
-        result.test = dict(accuracy=test_acc, loss=test_loss, confusion_matrix=cm.tolist(),
+        result.test = dict(accuracy=test_acc, loss=test_loss, confusion_matrix=cm.tolist(), predictions=preds.tolist(),
                            per_class_accuracy={c: float(a) for c, a in zip(splits.classes, per_class)})
     return result

@@ -29,7 +29,8 @@ from mixprec.report import (
     make_report,
     time_to_accuracy_figure,
 )
-from mixprec.report.figures import memory_figure
+from mixprec.report.figures import confusion_figure, memory_figure
+from mixprec.report.tables import paired_t
 from mixprec.results import write_csv, write_json
 from mixprec.run import summary
 from mixprec.train import RunResult
@@ -523,8 +524,9 @@ def test_fp8_figure_draws_each_telemetry_column_on_axes_that_start_at_zero_or_a_
     axes = [ax for ax in fig.axes if ax.lines]
     assert len(axes) == 9 and all(len(ax.lines) == 1 for ax in axes)  # 3 statistics x 3 tensor classes, 1 run
     saturated, flushed, scale = axes[0], axes[3], axes[6]
-    assert saturated.get_ylim() == (0.0, 1e-5) and flushed.get_ylim() == (0.0, 4e-5)
-    assert flushed.lines[0].get_ydata().tolist() == [1e-5, 0.0, 2e-5, 0.0]
+    # in percent, as telemetry.md gives them
+    assert saturated.get_ylim() == (0.0, 1e-3) and flushed.get_ylim() == pytest.approx((0.0, 4e-3))
+    assert flushed.lines[0].get_ydata().tolist() == pytest.approx([1e-3, 0.0, 2e-3, 0.0])
     assert scale.get_yscale() == "log" and scale.get_ylim() == (1024.0, 2048.0)
 
 
@@ -733,13 +735,22 @@ def test_runs_named_in_timings_excluded_count_for_accuracy_but_not_for_time(tmp_
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline (n=1)", "manual (n=1)"]
 
 
-def test_time_to_accuracy_says_so_when_every_run_of_a_model_is_untimed(tmp_path):
+def test_time_to_accuracy_says_so_when_every_run_of_a_model_is_untimed(tmp_path, capsys):
     make_run(tmp_path, "base0")
     make_run(tmp_path, "manual0", mode="manual")
+    make_run(tmp_path, "other0", model="resnet18")
     write_json(tmp_path / "timings-excluded.json", {"runs/base0": "loaded", "runs/manual0": "loaded"})
-    (ax,) = [ax for ax in time_to_accuracy_figure(group_runs(load_results(tmp_path)[0])).axes if ax.get_visible()]
-    assert not ax.lines and ax.get_legend() is None
-    assert [t.get_text() for t in ax.texts] == ["no timed run (timings-excluded.json names them all)"]
+    fig = time_to_accuracy_figure(group_runs(load_results(tmp_path)[0]))
+    panels = {ax.get_title().split(":")[0]: ax for ax in fig.axes if ax.get_visible()}  # one panel per model
+    untimed, timed = panels["resnet20"], panels["resnet18"]
+    assert not untimed.lines and untimed.get_legend() is None and timed.lines
+    assert [t.get_text() for t in untimed.texts] == ["no timed run (timings-excluded.json names them all)"]
+    # when every run of the study is untimed, there is no time figure at all, and the report says why
+    write_json(tmp_path / "timings-excluded.json", {f"runs/{r}": "loaded" for r in ("base0", "manual0", "other0")})
+    assert time_to_accuracy_figure(group_runs(load_results(tmp_path)[0])) is None
+    out, _, _ = report(tmp_path, capsys)
+    assert not (out / "time_to_accuracy.png").exists()
+    assert "No time figure: `timings-excluded.json` names every run" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("content, expect", [
@@ -769,3 +780,61 @@ def test_the_training_step_benchmark_is_a_section_of_the_report_with_its_targets
     assert "- resnet50: manual / amp images/s 0.80x (target >= 0.9): MISSED" in text
     row = md_rows(text.split("\n\n")[1])[1]
     assert (row["variant"], row["vs FP32"], row["memory vs FP32"]) == ("amp", "2.5", "0.62")
+
+
+def _predictions(run: Path, labels, predictions) -> None:
+    write_csv(run / "test_predictions.csv", pd.DataFrame({"label": labels, "prediction": predictions}))
+
+
+def test_findings_open_the_report_with_each_modes_paired_difference(tmp_path, capsys):
+    for seed, (base, manual) in enumerate([(0.80, 0.78), (0.82, 0.81), (0.81, 0.78)]):
+        make_run(tmp_path, f"b{seed}", seed=seed, acc=base)
+        make_run(tmp_path, f"m{seed}", mode="manual", seed=seed, acc=manual)
+    make_run(tmp_path, "a0", mode="amp", amp_dtype="float16", acc=0.79)
+    out, _, _ = report(tmp_path, capsys)
+    text = (out / "report.md").read_text()
+    assert text.index("## Findings") < text.index("## Environment") < text.index("## Comparison with the baseline")
+    diff, p, low, high = paired_t(np.array([0.78, 0.81, 0.78]), np.array([0.80, 0.82, 0.81]))
+    assert "**resnet20**: FP32 reached 81.00% test accuracy (n = 3).\n- amp (float16)" in text
+    assert (f"- manual: 79.00% (n = 3), {100 * diff:+.2f} pp against FP32, 95% CI [{100 * low:+.2f}, "
+            f"{100 * high:+.2f}] paired over 3 seeds; 0 skipped steps on average; peak memory 1.00x FP32's.") in text
+    assert "- amp (float16): 79.00% (n = 1), -2.00 pp against FP32 (one seed: no interval)" in text
+
+
+def test_difference_maps_pair_seeds_and_count_the_predictions_that_flip(tmp_path):
+    from mixprec.report.figures import confusion_difference_figure, flips_figure, prediction_flips
+
+    labels = np.repeat(np.arange(10), 10)
+    for seed in (0, 1):
+        base, manual = make_run(tmp_path, f"b{seed}", seed=seed), make_run(tmp_path, f"m{seed}", mode="manual",
+                                                                            seed=seed, acc=0.7)
+        fp32 = labels.copy()
+        fp32[:20 + seed] = (labels[:20 + seed] + 1) % 10  # FP32 wrong on the first 20 (21) images
+        mixed = fp32.copy()
+        mixed[20 + seed: 25 + seed] = 0  # 5 that FP32 got right (classes 2: not 0), now wrong
+        mixed[:3] = labels[:3]  # 3 that FP32 got wrong, now right
+        mixed[3] = (labels[3] + 2) % 10  # wrong both times, differently
+        _predictions(base, labels, fp32)
+        _predictions(manual, labels, mixed)
+    runs = load_results(tmp_path)[0]
+    by_name = {r.path.name: r for r in runs}
+    assert prediction_flips(by_name["m0"], by_name["b0"]) == {"lost": 0.05, "gained": 0.03, "other": 0.01}
+    assert prediction_flips(by_name["b1"], by_name["b0"]) == {"lost": 0.01, "gained": 0.0, "other": 0.0}  # image 20
+    groups = group_runs(runs)
+    fig = flips_figure(groups)
+    (ax,) = fig.axes
+    assert [round(p.get_width(), 6) for p in ax.patches] == [5.0, 3.0, 1.0]  # means over the two seeds
+    diff = confusion_difference_figure(groups)
+    (panel, colorbar) = diff.axes
+    image = panel.images[0].get_array()
+    # make_run's matrices: FP32 80 of 100 right, manual 70; the diagonal loses 10 points of the classes hit
+    assert image.diagonal().sum() == pytest.approx(-100.0)
+    assert "seeds 0, 1" in panel.get_title()
+
+
+def test_grid_figures_wrap_at_four_panels(tmp_path):
+    for i, lr in enumerate((0.1, 0.2, 0.3, 0.4, 0.5)):
+        make_run(tmp_path, f"g{i}", lr=lr)
+    fig = confusion_figure(group_runs(load_results(tmp_path)[0]))
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 5 and len({round(ax.get_position().y0, 3) for ax in drawn}) == 2  # 4 + 1

@@ -5,6 +5,7 @@ Imports :mod:`.runs`, :mod:`.groups` and :mod:`.tables`."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -41,35 +42,139 @@ def normalized_confusion(group: Group) -> np.ndarray:
     return np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
 
 
-def confusion_figure(groups: list[Group]):
-    """One normalized confusion matrix per group: rows of panels = models, columns = its groups."""
+WRAP = 4  # panels per row of a grid figure
+
+
+def _grid(n: int, width: float, height: float):
+    """A figure with ``n`` panels in rows of at most :data:`WRAP`; the unused cells are switched off."""
+    ncols = min(WRAP, n)
+    nrows = math.ceil(n / ncols)
+    fig = _figure(width * ncols + 1.0, height * nrows + 0.6)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, axes[:n]
+
+
+def _confusion_panel(ax, matrix: np.ndarray, classes: list[str], title: str, *, vmin: float, vmax: float,
+                     cmap: str, fmt: str):
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    shown = ConfusionMatrixDisplay(matrix, display_labels=classes).plot(
+        ax=ax, values_format=fmt, colorbar=False, cmap=cmap, xticks_rotation=45,
+        im_kw={"vmin": vmin, "vmax": vmax}, text_kw={"fontsize": 6})
+    middle = (vmin + vmax) / 2
+    for (i, j), text in np.ndenumerate(shown.text_):  # contrast against the shared scale
+        strong = abs(matrix[i, j] - middle) > 0.5 * (vmax - vmin) / 2 if cmap != "Blues" else matrix[i, j] > middle
+        text.set_color("white" if strong else "black")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.tick_params(labelsize=7)
+    for label in ax.get_xticklabels():  # rotated names end under their column
+        label.set(ha="right", rotation_mode="anchor")
+    return shown.im_
+
+
+def confusion_figure(groups: list[Group]):
+    """One normalized confusion matrix per group, in rows of at most :data:`WRAP` panels."""
     classes = list(groups[0].runs[0].summary["per_class_accuracy"])
-    per_model = _by_model(groups)
-    ncols = max(map(len, per_model.values()))
-    fig = _figure(4.8 * ncols + 1.0, 4.6 * len(per_model))
-    axes = fig.subplots(len(per_model), ncols, squeeze=False)
-    image = None
-    for row, model_groups in zip(axes, per_model.values()):
-        for ax, g in zip(row, model_groups):
-            cm = normalized_confusion(g)
-            shown = ConfusionMatrixDisplay(cm, display_labels=classes).plot(
-                ax=ax, values_format=".2f", colorbar=False, cmap="Blues", xticks_rotation=45,
-                im_kw={"vmin": 0.0, "vmax": 1.0}, text_kw={"fontsize": 6})
-            for (i, j), text in np.ndenumerate(shown.text_):  # contrast against the shared 0..1 scale
-                text.set_color("white" if cm[i, j] > 0.5 else "black")
-            ax.set_title(f"{g.title} (n={g.n})", fontsize=9)
-            ax.set_xlabel("predicted class")
-            ax.set_ylabel("true class")
-            ax.tick_params(labelsize=7)
-            for label in ax.get_xticklabels():  # rotated names end under their column
-                label.set(ha="right", rotation_mode="anchor")
-            image = shown.im_
-        for ax in row[len(model_groups):]:
-            ax.set_axis_off()
-    fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of the true class")
+    fig, axes = _grid(len(groups), 4.8, 4.6)
+    for ax, g in zip(axes, groups):
+        title = textwrap.fill(f"{g.title} (n={g.n})", 52)
+        image = _confusion_panel(ax, 100 * normalized_confusion(g), classes, title, vmin=0.0, vmax=100.0,
+                                 cmap="Blues", fmt=".0f")
+    fig.colorbar(image, ax=list(axes), shrink=0.6, label="% of the true class")
     fig.suptitle("Test-set confusion matrices, summed over seeds, normalized per true class")
+    return fig
+
+
+def confusion_difference_figure(groups: list[Group]):
+    """Each group's normalized confusion matrix minus its FP32 baseline's, in percentage points, over the seeds
+    both ran (so that the two sides are the same initial weights and batches): on the diagonal, how much more
+    (blue) or less (red) of each class a mode gets right; off it, which confusions it adds. None when no group
+    has a baseline with shared seeds."""
+    from .groups import find_baseline
+
+    pairs = []
+    for g in groups:
+        base = find_baseline(g, groups)
+        if base is None or base is g:
+            continue
+        seeds = sorted({r.seed for r in g.runs} & {r.seed for r in base.runs})
+        if seeds:
+            pairs.append((g, base, seeds))
+    if not pairs:
+        return None
+    classes = list(groups[0].runs[0].summary["per_class_accuracy"])
+    diffs = [100 * (normalized_confusion(g.subset(seeds)) - normalized_confusion(base.subset(seeds)))
+             for g, base, seeds in pairs]
+    bound = max(1.0, max(float(np.abs(d).max()) for d in diffs))
+    fig, axes = _grid(len(pairs), 4.8, 4.6)
+    for ax, (g, _, seeds), diff in zip(axes, pairs, diffs):
+        title = textwrap.fill(f"{g.title} minus FP32 (seeds {', '.join(map(str, seeds))})", 52)
+        image = _confusion_panel(ax, diff, classes, title,
+                                 vmin=-bound, vmax=bound, cmap="RdBu", fmt="+.1f")
+    fig.colorbar(image, ax=list(axes), shrink=0.6, label="difference (percentage points of the true class)")
+    fig.suptitle("Confusion matrices minus FP32's, paired by seed")
+    return fig
+
+
+def prediction_flips(run: Run, base: Run) -> dict[str, float] | None:
+    """Shares of the test images whose prediction differs between ``run`` and ``base`` (two runs of one seed, or
+    two seeds), split by what the change did: ``lost`` (``base`` right, ``run`` wrong), ``gained`` (the other
+    way) and ``other`` (wrong both times, differently). None without predictions for the same images."""
+    a, b = run.predictions, base.predictions
+    if a is None or b is None or len(a) != len(b) or not (a["label"].to_numpy() == b["label"].to_numpy()).all():
+        return None
+    label, mine, theirs = a["label"].to_numpy(), a["prediction"].to_numpy(), b["prediction"].to_numpy()
+    changed = mine != theirs
+    return {"lost": float(np.mean(changed & (theirs == label))), "gained": float(np.mean(changed & (mine == label))),
+            "other": float(np.mean(changed & (mine != label) & (theirs != label)))}
+
+
+def flips_figure(groups: list[Group]):
+    """Per group, the share of test images whose prediction differs from FP32's on the same seed (same initial
+    weights and batches), stacked by what changed, mean over the paired seeds (dots: each seed's total); beside
+    it, as the noise floor, the share that differs between two FP32 runs of different seeds. None when no pair
+    of runs has predictions."""
+    from itertools import combinations
+
+    from .groups import find_baseline
+
+    palette, rows = _palette(groups), []
+    for g in groups:
+        base = find_baseline(g, groups)
+        if base is None or base is g:
+            continue
+        by_seed = {r.seed: r for r in base.runs}
+        flips = [f for r in g.runs if r.seed in by_seed and (f := prediction_flips(r, by_seed[r.seed])) is not None]
+        if flips:
+            floor = [f for a, b in combinations(base.runs, 2) if (f := prediction_flips(a, b)) is not None]
+            rows.append((g, flips, floor))
+    if not rows:
+        return None
+    fig = _figure(9.0, 1.4 + 0.45 * len(rows))
+    ax = fig.subplots()
+    y = np.arange(len(rows))
+    left = np.zeros(len(rows))
+    for part, colour, what in (("lost", "tab:red", "FP32 right, mode wrong"),
+                               ("gained", "tab:blue", "FP32 wrong, mode right"),
+                               ("other", "0.6", "wrong both times, differently")):
+        widths = np.array([100 * np.mean([f[part] for f in flips]) for _, flips, _ in rows])
+        ax.barh(y, widths, left=left, color=colour, label=what, alpha=0.85)
+        left += widths
+    for i, (g, flips, floor) in enumerate(rows):
+        ax.plot([100 * sum(f.values()) for f in flips], [i] * len(flips), "o", color=palette[g.short], mec="k", ms=4)
+        if floor:
+            ax.plot([100 * np.mean([sum(f.values()) for f in floor])] * 2, [i - 0.4, i + 0.4], color="k", lw=2,
+                    label="FP32 against FP32 of another seed" if i == 0 else None)
+    ax.set_yticks(y, [f"{g.title} (n={len(flips)})" for g, flips, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test images whose prediction differs from FP32's on the same seed (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2)
     return fig
 
 
@@ -90,19 +195,26 @@ def curves_figure(groups: list[Group]):
     per_model, palette = _by_model(groups), _palette(groups)
     fig = _figure(11.0, 3.6 * len(per_model))
     axes = fig.subplots(len(per_model), 2, squeeze=False)
+    smoothed = any(r.config.get("label_smoothing") for g in groups for r in g.runs)
+    nan_marked = False
     for (ax_loss, ax_acc), (model, model_groups) in zip(axes, per_model.items()):
         epochs = pd.concat([r.epochs for g in model_groups for r in g.runs])["epoch"]
         span = (epochs.min() - 0.5, epochs.max() + 0.5)  # a one-epoch run is still a readable point at 1
         for g in model_groups:
             epochs = pd.concat([r.epochs for r in g.runs])
             for ax, metric, scale in ((ax_loss, "loss", 1.0), (ax_acc, "acc", 100.0)):
-                for split, style in (("train", "-"), ("val", "--")):
+                for split, style, marker in (("train", "-", "o"), ("val", "--", "s")):
                     stats = epochs.groupby("epoch")[f"{split}_{metric}"].agg(["mean", "min", "max"]) * scale
                     ax.plot(stats.index, stats["mean"], style, color=palette[g.short], lw=1.5,
-                            marker="o" if len(stats) <= 15 else None, ms=3)
+                            marker=marker if len(stats) <= 15 else None, ms=3)
                     if g.n > 1:
                         ax.fill_between(stats.index, stats["min"], stats["max"], color=palette[g.short], alpha=0.15,
                                         lw=0)
+                    lost = epochs.loc[~np.isfinite(epochs[f"{split}_{metric}"].astype(float)), "epoch"].unique()
+                    for epoch in lost:  # a NaN or inf loss (an FP16 evaluation that overflowed): marked, not dropped
+                        ax.axvline(epoch, color=palette[g.short], ls=":", lw=1)
+                        ax.plot([epoch], [0], marker="X", color="red", ms=7, clip_on=False, zorder=4)
+                        nan_marked = True
         for ax, what, unit in ((ax_loss, "loss", "cross-entropy loss"), (ax_acc, "accuracy", "accuracy (%)")):
             ax.set_title(f"{model}: {what}")
             ax.set_xlabel("epoch")
@@ -111,8 +223,11 @@ def curves_figure(groups: list[Group]):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.grid(alpha=0.3)
         handles = [Line2D([], [], color=palette[g.short], label=g.short) for g in model_groups]
-        handles += [Line2D([], [], color="0.3", ls="-", label="train"),
-                    Line2D([], [], color="0.3", ls="--", label="validation")]
+        handles += [Line2D([], [], color="0.3", ls="-", marker="o", ms=3,
+                           label="train" + (" (loss with label smoothing)" if smoothed else "")),
+                    Line2D([], [], color="0.3", ls="--", marker="s", ms=3, label="validation")]
+        if nan_marked:
+            handles.append(Line2D([], [], color="red", marker="X", ls="", label="NaN or inf (not drawn)"))
         ax_acc.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the data
     return fig
 
@@ -123,9 +238,11 @@ def time_to_accuracy_figure(groups: list[Group]):
     CPU says nothing about a GPU (docs/gpu.md); each line is one environment's."""
     from matplotlib.lines import Line2D
 
+    if not any(g.timed_runs for g in groups):  # the study's times are not a result: no figure pretends they are
+        return None
     per_model, palette = _by_model(groups), _palette(groups)
     ncols = min(2, len(per_model))
-    fig = _figure(6.4 * ncols, 3.8 * math.ceil(len(per_model) / ncols))
+    fig = _figure(7.6 * ncols, 3.8 * math.ceil(len(per_model) / ncols))
     axes = fig.subplots(math.ceil(len(per_model) / ncols), ncols, squeeze=False).ravel()
     for ax, (model, model_groups) in zip(axes, per_model.items()):
         timed = [g for g in model_groups if g.timed_runs]
@@ -148,7 +265,7 @@ def time_to_accuracy_figure(groups: list[Group]):
         ax.grid(alpha=0.3)
         if timed:
             ax.legend(handles=[Line2D([], [], color=palette[g.short], label=f"{g.short} (n={len(g.timed_runs)})")
-                               for g in timed], fontsize=8, loc="lower right")
+                               for g in timed], fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         else:
             ax.text(0.5, 0.5, f"no timed run ({UNTIMED} names them all)", transform=ax.transAxes, ha="center")
     for ax in axes[len(per_model):]:
@@ -175,6 +292,7 @@ def loss_scale_figure(groups: list[Group]):
     scaled = [g for g in groups if has_loss_scale(g)]
     if not scaled:
         return None
+    palette = _palette(groups)
     panels: dict[tuple, list[tuple[int, Group, Run]]] = {}
     for i, g in enumerate(scaled):
         for run in g.runs:
@@ -189,7 +307,7 @@ def loss_scale_figure(groups: list[Group]):
         marked = False
         for i, g, run in lines:
             steps = run.steps.dropna(subset=["loss_scale"])
-            ax.plot(steps["step"], steps["loss_scale"], color=f"C{i % 10}", lw=1.2, drawstyle="steps-post",
+            ax.plot(steps["step"], steps["loss_scale"], color=palette[g.short], lw=1.2, drawstyle="steps-post",
                     ls="--" if g.loss_scaler == "GradScaler" else "-",
                     zorder=3 if g.loss_scaler == "GradScaler" else 2,  # dashed on top: seen
                     # where the two scalers agree
@@ -200,9 +318,16 @@ def loss_scale_figure(groups: list[Group]):
                         label=None if marked else "skipped step")
                 marked = True
         ax.set_yscale("log", base=2)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        last = max(run.steps["step"].max() for _, _, run in lines)
+        first_skip = min((run.steps.loc[run.steps["skipped"], "step"].min() for _, _, run in lines
+                          if run.steps["skipped"].any()), default=None)
+        if first_skip is not None and first_skip <= 0.02 * last:  # early skips: a log axis keeps them apart
+            ax.set_xscale("log")
+            ax.set_xlabel("optimizer step (log scale: the skips come early)")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+            ax.set_xlabel("optimizer step")
         ax.set_title(f"{model}, seed {seed}" + (f" ({environment})" if len(environments) > 1 else ""), fontsize=10)
-        ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss scale")
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
@@ -271,15 +396,17 @@ def fp8_figure(groups: list[Group]):
     fp8 = [g for g in groups if measured(g, "fp8_grad_scale")]  # --fp8
     if not fp8:
         return None
+    palette = _palette(groups)
     fig = _figure(13.0, 8.0)
     axes = fig.subplots(len(STATS), len(ROLES), sharex=True, squeeze=False)
-    for i, g in enumerate(fp8):
+    for g in fp8:
         for k, run in enumerate(r for r in g.runs if r.steps is not None):
             steps = run.steps.dropna(subset=["fp8_grad_scale"])
             for row, stat in enumerate(STATS):
                 for col, role in enumerate(ROLES):
-                    axes[row][col].plot(steps["step"], steps[f"fp8_{role}_{stat}"], color=f"C{i % 10}", lw=1,
-                                        label=g.title if k == 0 else None)
+                    factor = 100.0 if row < 2 else 1.0  # the fractions in percent, as telemetry.md gives them
+                    axes[row][col].plot(steps["step"], factor * steps[f"fp8_{role}_{stat}"], color=palette[g.short],
+                                        lw=1, label=g.title if k == 0 else None)
     for col, role in enumerate(("weights (E4M3)", "activations (E4M3)", "gradients (E5M2)")):
         axes[0][col].set_title(role, fontsize=10)
         axes[-1][col].set_xlabel("optimizer step")
@@ -288,8 +415,8 @@ def fp8_figure(groups: list[Group]):
             values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.lines])
             values = values[np.isfinite(values)]
             if row < 2:  # a fraction: zero stays on the axis, which starts there
-                ax.set_yscale("symlog", linthresh=1e-6)
-                ax.set_ylim(0, max(2 * values.max(initial=0.0), 1e-5))
+                ax.set_yscale("symlog", linthresh=1e-4)
+                ax.set_ylim(0, max(2 * values.max(initial=0.0), 1e-3))
             else:  # a scale: whole powers of two at both ends, so the axis always has labelled ticks
                 ax.set_yscale("log", base=2)
                 positive = values[values > 0]
@@ -297,7 +424,7 @@ def fp8_figure(groups: list[Group]):
                     low, high = math.log2(positive.min()), math.log2(positive.max())
                     ax.set_ylim(2.0 ** math.floor(low), 2.0 ** math.ceil(high))
             ax.grid(alpha=0.3)
-    for row, label in enumerate(("saturated fraction", "flushed-to-zero fraction", "scale (geometric mean)")):
+    for row, label in enumerate(("saturated (% of elements)", "flushed to zero (%)", "scale (geometric mean)")):
         axes[row][0].set_ylabel(label)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", fontsize=8,
                ncols=min(4, len(fp8)))
@@ -312,6 +439,7 @@ def lost_updates_figure(groups: list[Group]):
     lossy = [g for g in groups if measured(g, "update_lost_frac")]  # --master-weights none, stochastic, kahan
     if not lossy:
         return None
+    palette = _palette(groups)
     fig = _figure(8.0, 4.2)
     ax = fig.subplots()
     lr_axis = ax.twinx()
@@ -322,7 +450,7 @@ def lost_updates_figure(groups: list[Group]):
             steps = run.steps.dropna(subset=["update_lost_frac"])
             for column, style, what in lines:
                 if column in steps and steps[column].notna().any():
-                    ax.plot(steps["step"], 100 * steps[column], color=f"C{i % 10}", lw=1, ls=style,
+                    ax.plot(steps["step"], 100 * steps[column], color=palette[g.short], lw=1, ls=style,
                             label=f"{g.title}: {what}" if k == 0 else None)
             lr_axis.plot(run.steps["step"], run.steps["lr"], color="0.5", lw=0.8, ls="--",
                          label="learning rate" if i == k == 0 else None)
@@ -401,6 +529,16 @@ def layer_grads_figure(groups: list[Group], tensor: str = "activation"):
 CAPTIONS = {
     "confusion_matrices.png": "Test-set confusion matrices per group, summed over seeds and normalized per true "
                               "class (each row sums to 1).",
+    "confusion_difference.png": "Each mode's normalized test confusion matrix minus its FP32 baseline's, over the "
+                                "seeds both ran, in percentage points of the true class: the diagonal is each "
+                                "class's accuracy gained (blue) or lost (red), the rest the confusions added or "
+                                "removed. With few seeds, differences of a few points are within seed noise.",
+    "prediction_flips.png": "The share of test images whose predicted class differs from FP32's, run against "
+                            "FP32 of the same seed (the same initial weights and batches), split into images FP32 "
+                            "got right and the mode wrong (red), the reverse (blue), and images both got wrong "
+                            "differently (grey); bars are means over the paired seeds, dots each seed's total. The "
+                            "black mark is the share that differs between two FP32 runs of different seeds: the "
+                            "changes that any retraining makes.",
     "curves.png": "Training (solid) and validation (dashed) loss and accuracy per epoch, mean over seeds with the "
                   "min..max range of the seeds shaded.",
     "time_to_accuracy.png": "Validation accuracy against training wall-clock time (evaluation excluded) at the end "
@@ -437,7 +575,9 @@ CAPTIONS = {
 def write_figures(out: Path, groups: list[Group]) -> list[str]:
     """Write the PNGs (dpi 150); return the names written (loss_scale.png only when a group has a scale)."""
     written = []
-    for name, make in (("confusion_matrices.png", confusion_figure), ("curves.png", curves_figure),
+    for name, make in (("confusion_matrices.png", confusion_figure),
+                       ("confusion_difference.png", confusion_difference_figure),
+                       ("prediction_flips.png", flips_figure), ("curves.png", curves_figure),
                        ("time_to_accuracy.png", time_to_accuracy_figure), ("loss_scale.png", loss_scale_figure),
                        ("memory.png", memory_figure), ("fp8.png", fp8_figure),
                        ("lost_updates.png", lost_updates_figure),

@@ -3,7 +3,7 @@ Imports :mod:`.runs`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
@@ -121,6 +121,10 @@ class Group:
     def untimed_runs(self) -> list[Run]:
         """The runs ``timings-excluded.json`` names: counted for accuracy and peak memory, not for times."""
         return [r for r in self.runs if r.untimed is not None]
+
+    def subset(self, seeds) -> Group:
+        """The same group with only the runs of ``seeds`` (to pair it with another group seed by seed)."""
+        return replace(self, runs=[r for r in self.runs if r.seed in set(seeds)])
 
     def values(self, key: str) -> pd.Series:
         """A summary value per run (seed), missing ones dropped; a time or speed only of the timed runs."""

@@ -23,7 +23,8 @@ REQUIRED = {
     "summary.json": SUMMARY_REQUIRED,
     "epochs.csv": ("epoch", "train_loss", "train_acc", "val_loss", "val_acc"),
     "steps.csv": ("step", "loss_scale", "skipped"),
-    "layer_grads.csv": ("step", "value"),  # and the text columns layer, tensor, statistic (mixprec.layerstats)
+    "layer_grads.csv": ("step", "value"),
+    "test_predictions.csv": ("label", "prediction"),  # and the text columns layer, tensor, statistic (mixprec.layerstats)
     INFERENCE_CSV: ("image_size", "batch_size", "repeats", "mean_ms", "std_ms", "peak_memory_bytes"),
 }
 RERUN = "run `python -m mixprec.run --mode ...` or `python -m mixprec.study ...` first"
@@ -44,6 +45,7 @@ class Run:
     epochs: pd.DataFrame
     steps: pd.DataFrame | None = None
     layers: pd.DataFrame | None = None  # layer_grads.csv of a --layer-stats-every run
+    predictions: pd.DataFrame | None = None  # test_predictions.csv (runs made before it have none)
     untimed: str | None = None  # why this run's times are not counted (from UNTIMED), or None
 
     @property
@@ -170,13 +172,15 @@ def load_run(path: Path) -> Run | Excluded:
         epochs = read_csv(path, "epochs.csv", required=True)
         steps = read_csv(path, "steps.csv", required=False)
         layers = read_csv(path, "layer_grads.csv", required=False)
+        predictions = read_csv(path, "test_predictions.csv", required=False)
         if layers is not None and not {"layer", "tensor", "statistic"} <= set(layers.columns):
             raise BadRun("layer_grads.csv lacks the column(s) layer, tensor or statistic")
     except BadRun as e:
         return Excluded(path, "unreadable", str(e))
     if steps is not None:
         steps["skipped"] = skipped_flags(steps["skipped"])
-    return Run(path, config, env, {**summary, "loss_scaler": loss_scaler(config, summary)}, epochs, steps, layers)
+    return Run(path, config, env, {**summary, "loss_scaler": loss_scaler(config, summary)}, epochs, steps, layers,
+               predictions)
 
 
 def loss_scaler(config: dict, summary: dict) -> str | None:

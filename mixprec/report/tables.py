@@ -211,6 +211,41 @@ def comparison_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
     return markdown_table(shown) + "\n\n" + "\n".join(f"- {note}" for note in comparison_notes(groups)) + "\n"
 
 
+def findings_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
+    """One generated paragraph per model, before every table: its baseline's accuracy, then a line per other group:
+    its difference from it with a 95% interval (paired by seed where at least two seeds pair, else Welch's),
+    its skipped steps and its peak memory against the baseline's."""
+    paragraphs = []
+    for model in dict.fromkeys(table["model"]):
+        rows = [(r, g) for r, g in zip(table.itertuples(), groups) if r.model == model]
+        base = next(((r, g) for r, g in rows if g.mode == "baseline"), None)
+        said = [f"**{model}**"]
+        if base is not None:
+            r = base[0]
+            said.append(f"FP32 reached {100 * r.test_accuracy_mean:.2f}% test accuracy (n = {r.n})")
+        for r, g in rows:
+            if base is not None and g is base[1]:
+                continue
+            text = f"{g.short}: {100 * r.test_accuracy_mean:.2f}% (n = {r.n})"
+            if not pd.isna(r.paired_n) and r.paired_n >= 2:
+                interval = _interval(r.paired_diff_ci95_low_pp, r.paired_diff_ci95_high_pp)
+                text += f", {r.paired_diff_pp:+.2f} pp against FP32, 95% CI {interval} paired over {r.paired_n} seeds"
+            elif _num(r.accuracy_diff_ci95_low_pp, "g"):
+                text += (f", {r.accuracy_diff_pp:+.2f} pp against FP32, 95% CI "
+                         f"{_interval(r.accuracy_diff_ci95_low_pp, r.accuracy_diff_ci95_high_pp)} (Welch)")
+            elif _num(r.accuracy_diff_pp, "g"):
+                text += f", {r.accuracy_diff_pp:+.2f} pp against FP32 (one seed: no interval)"
+            if _num(r.skipped_steps_mean, "g"):
+                text += f"; {r.skipped_steps_mean:g} skipped steps on average"
+            if _num(r.memory_ratio_vs_baseline, "g"):
+                text += f"; peak memory {r.memory_ratio_vs_baseline:.2f}x FP32's"
+            said.append(text)
+        head = said[0] + (f": {said[1]}." if base is not None else ":")
+        paragraphs.append("\n".join([head, *(f"- {text}." for text in said[1 + (base is not None):])]))
+    return ("What the runs found, per model (generated from the comparison table below; an interval that "
+            "contains 0 means the runs cannot tell the mode from FP32):\n\n" + "\n\n".join(paragraphs) + "\n")
+
+
 def comparison_notes(groups: list[Group]) -> list[str]:
     """What the columns mean, and every place where one seed leaves a number without its uncertainty."""
     notes = [("Mean ± sample standard deviation over seeds (n). Speedup is the baseline's mean training time over "
@@ -523,7 +558,8 @@ def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
     .csv and .md; return the markdown."""
     comparison = comparison_table(groups)
     write_csv(out / "comparison.csv", comparison)
-    sections = {"comparison": comparison_markdown(comparison, groups)}
+    sections = {"findings": findings_markdown(comparison, groups),
+                "comparison": comparison_markdown(comparison, groups)}
     grid = grid_table(groups)
     if grid is not None:
         write_csv(out / "grid.csv", grid)
