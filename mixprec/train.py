@@ -143,7 +143,8 @@ def evaluate(precision: Precision, model: torch.nn.Module, loader: CifarLoader, 
     device = loader.labels.device
     loss_sum = torch.zeros((), device=device)
     preds = [torch.empty(0, dtype=torch.int64, device=device)]
-    for images, y in loader:
+    for images, y in tqdm(loader, desc="evaluating", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
+                          disable=None if distributed.is_main() else True):
         logits = precision.forward(images).float()
         if flip:
             logits = (logits + precision.forward(images.flip(3)).float()) / 2
