@@ -133,25 +133,35 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_e
 
 
 @torch.no_grad()
-def evaluate(precision: Precision, model: torch.nn.Module, loader: CifarLoader, labels: torch.Tensor,
-             flip: bool = False):
-    """Mean loss, accuracy, and the predictions of the split whose ``labels`` are given, using the mode's
-    own forward precision. ``flip``: the logits are the mean of each image's and its mirror image's
-    (test-time augmentation). Under DDP ``loader`` holds this rank's shard, and the results are gathered."""
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module, loader: CifarLoader,
+             labels: torch.Tensor, flip: bool = False):
+    """Mean loss, accuracy, and the predictions of the split whose ``labels`` are given, through ``forward``, the
+    mode's own forward precision (a :class:`~mixprec.steps.Precision`'s, or :func:`mixprec.steps.setup_inference`'s)
+    of ``model``. ``flip``: the logits are the mean of each image's and its mirror image's (test-time
+    augmentation). Under DDP ``loader`` holds this rank's shard, and the results are gathered."""
     model.eval()
     distributed.broadcast_buffers(model)  # every rank evaluates rank 0's BatchNorm statistics
     device = loader.labels.device
     loss_sum = torch.zeros((), device=device)
     preds = [torch.empty(0, dtype=torch.int64, device=device)]
     for images, y in loader:
-        logits = precision.forward(images).float()
+        logits = forward(images).float()
         if flip:
-            logits = (logits + precision.forward(images.flip(3)).float()) / 2
+            logits = (logits + forward(images.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         preds.append(logits.argmax(1))
     preds = distributed.gather_rows(torch.cat(preds), len(labels)).cpu()
     loss_sum = distributed.sum_(loss_sum)
     return loss_sum.item() / len(labels), (preds == labels).float().mean().item(), preds
+
+
+def scores(loss: float, accuracy: float, preds: torch.Tensor, labels: torch.Tensor, classes) -> dict:
+    """What :func:`evaluate` found on a split, as ``summary.json`` records the test split's: ``accuracy``,
+    ``loss``, the ``confusion_matrix`` (rows: true class) and ``per_class_accuracy`` ({class: accuracy})."""
+    cm = confusion_matrix(labels.numpy(), preds.numpy(), labels=list(range(len(classes))))
+    per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
+    return dict(accuracy=accuracy, loss=loss, confusion_matrix=cm.tolist(),
+                per_class_accuracy={c: float(a) for c, a in zip(classes, per_class)})
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -404,7 +414,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             result.warmup_time_s += stats.warmup_seconds
             result.warmup_images += stats.warmup_images
             result.skipped_steps += stats.skipped_steps
-            val_loss, val_acc, _ = evaluate(precision, model, val_loader, splits.val[1], cfg.test_time_flip)
+            val_loss, val_acc, _ = evaluate(precision.forward, model, val_loader, splits.val[1], cfg.test_time_flip)
             lr = stats.steps[0]["lr"]  # at the epoch's first step, also when it was resumed part-way
             row = dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy, val_loss=val_loss,
                        val_acc=val_acc, lr=lr, epoch_time_s=seconds, loss_scale=precision.loss_scale(),
@@ -429,10 +439,6 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     result.peak_memory_bytes = dev.peak_memory_bytes(device)
     result.final_loss_scale = precision.loss_scale()
     if result.status == "completed":
-        test_loss, test_acc, preds = evaluate(precision, model, test_loader, splits.test[1], cfg.test_time_flip)
-        labels = splits.test[1].numpy()
-        cm = confusion_matrix(labels, preds.numpy(), labels=list(range(len(splits.classes))))
-        per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
-        result.test = dict(accuracy=test_acc, loss=test_loss, confusion_matrix=cm.tolist(),
-                           per_class_accuracy={c: float(a) for c, a in zip(splits.classes, per_class)})
+        test = evaluate(precision.forward, model, test_loader, splits.test[1], cfg.test_time_flip)
+        result.test = scores(*test, splits.test[1], splits.classes)
     return result
