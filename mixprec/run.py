@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .cli import UsageError, handling_signals
 from .config import ABLATION_OPTIONS, parse_command
-from .results import RunSummary, write_json
+from .results import RunSummary, read_json, write_json
 
 PROG = "python -m mixprec.run"
 
@@ -119,7 +119,7 @@ def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: St
         build_model(cfg.model, pretrained=True)  # download the weights now: no network fails before the run starts
     checkpoint = None
     if resume_dir is not None:
-        checkpoint = ckpt.load(resume_dir)
+        checkpoint = ckpt.load(resume_dir, cfg.epochs)
     splits = make_splits(load_cifar10(cfg.data), cfg.subset, cfg.test_subset)
     if not distributed.is_main():  # rank 0 writes the run directory; the others only train
         return _exit_code(train(cfg, splits, log=log, resume=checkpoint, stop=stop, device=device), stop)
@@ -130,6 +130,10 @@ def _train_and_write(cfg, resume_dir: Path | None, device, log: RunLog, stop: St
         log(f"run directory {run_dir}")
     else:
         run_dir = log.run_dir = resume_dir
+        saved = read_json(run_dir / "config.json")
+        if saved["epochs"] != cfg.epochs:  # --epochs extends the run (config.check_extension): it is now that long
+            write_json(run_dir / "config.json", {**saved, "epochs": cfg.epochs})
+            log(f"extending {run_dir} from {saved['epochs']} to {cfg.epochs} epochs")
         log(f"resuming {run_dir} from its checkpoint {ckpt.position(checkpoint, cfg.epochs)}")
 
     def save_progress(result, state: dict, improved: bool):
