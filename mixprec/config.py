@@ -165,6 +165,15 @@ class RunConfig:
                                      "of the 5,000-image validation split (quick runs only; recorded in the summary)")
     out: str = option("results", roles="copy", group="data",
                       help="results directory; the run goes to OUT/runs/<name>/")
+    log_every: int | None = option(None, roles="copy resumable", group="data", check="positive int", type=int,
+                                   metavar="N",
+                                   help="besides each epoch's line, log a progress line every N optimizer steps: "
+                                   "step, epoch, mean loss of the last N steps, lr, loss scale, images/s of the epoch "
+                                   "so far (each line waits for the device once); default: off")
+    tensorboard: bool = option(False, roles="copy resumable", group="data",
+                               help="also write TensorBoard scalars to RUN_DIR/tensorboard/ after every epoch: each "
+                               "optimizer step's loss, lr, loss scale and skip, each epoch's losses and accuracies, "
+                               "and the test result (needs pip install 'mixprec[tensorboard]')")
     # ablations and scaler controls (manual mode unless noted)
     loss_scale: str = option("dynamic", roles="ablation label manual", group="ablations",
                              help="dynamic: start at 2^16, halve on overflow, double after 2000 clean steps; none: "
@@ -380,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", default=None, metavar="RUN_DIR",
         help="continue an interrupted or failed run in place from its last checkpoint (taken at every epoch's end "
         "and where a SIGINT/SIGTERM stopped it), with its own options; options given with it must agree with them, "
-        "but --data may point to another copy of the data")
+        "but --data may point to another copy of the data, the logging options may change, and a larger --epochs "
+        "extends the run (a finished one too) to that many epochs, for --schedule step and cosine-restarts, whose lr "
+        "does not depend on the total")
     return p
 
 

@@ -193,6 +193,7 @@ class Loop:
     result: RunResult
     scaled: bool  # whether a loss scaler absorbs overflows (else an inf/NaN loss is divergence)
     stop: object = None  # a threading.Event: stop after the step in progress
+    log: Callable[[str], None] = _quiet  # --log-every's progress lines go here
     best_val_acc: float = -1.0
     last_finite_loss: float = math.nan
     memory_settled: bool = False  # result.memory was measured on a step that was taken (not skipped)
@@ -275,6 +276,21 @@ def _check_losses(loop: Loop, losses: torch.Tensor, epoch: int, last_finite_loss
     return float(losses[finite.nonzero()[-1]]) if finite.any() else last_finite_loss
 
 
+def _log_progress(loop: Loop, p: EpochProgress, epoch: int, i: int, step: int, images: int, start: float) -> None:
+    """``--log-every``'s line after the epoch's step ``i`` (the run's optimizer step ``step``): the mean finite
+    loss of the last ``--log-every`` steps of this epoch (fewer at its start), the step's lr and loss scale, and
+    the epoch's ``images`` per second since ``start``. Reading the losses is a host sync (a collective under DDP,
+    where every rank logs at the same steps), on these steps only."""
+    window = _mean_over_ranks(p.losses[max(0, i + 1 - loop.cfg.log_every): i + 1])
+    finite = torch.isfinite(window)
+    loss = float(window[finite].mean()) if bool(finite.any()) else math.nan  # host sync
+    seconds = time.perf_counter() - start
+    scale = p.scales[-1]
+    loop.log(f"step {step} (epoch {epoch + 1}/{loop.cfg.epochs}, {i + 1}/{len(p.losses)})  loss {loss:.4f}  "
+             f"lr {p.lrs[-1]:.4g}" + (f"  loss scale {scale:g}" if scale is not None else "")
+             + (f"  {images / seconds:.0f} img/s" if seconds > 0 else ""))
+
+
 def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
     """One pass over the training split; ``partial`` continues an epoch that an interruption cut short.
     Until a step that was not skipped has measured a memory breakdown, every step measures one: a skipped
@@ -317,6 +333,8 @@ def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
             last_finite_loss = _check_losses(loop, _mean_over_ranks(p.losses[: i + 1]), epoch, last_finite_loss)
             bar.set_postfix(loss=f"{last_finite_loss:.3f}",
                             img_s=f"{(i + 1 - begin) * loader.batch_size / (time.perf_counter() - start):.0f}")
+        if loop.cfg.log_every and (first_step + i) % loop.cfg.log_every == 0:
+            _log_progress(loop, p, epoch, i, first_step + i, (i + 1 - begin) * loader.batch_size, start)
     losses, correct = _mean_over_ranks(p.losses), distributed.sum_(p.correct)
     finite = torch.isfinite(losses)
     mean_loss = float(losses[finite].mean()) if bool(finite.any()) else math.nan
@@ -335,7 +353,8 @@ def setup_device(cfg: RunConfig) -> torch.device:
     return device
 
 
-def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | None, stop) -> tuple[Loop, list]:
+def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | None, stop,
+           log: Callable[[str], None]) -> tuple[Loop, list]:
     """The run's parts, seeded: the loop over the training split, and the validation and test loaders."""
     world = distributed.world_size()
     tf32 = dev.configure(device, cfg.deterministic, cfg.tf32)
@@ -361,7 +380,7 @@ def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | 
                        fp8=precision.fp8.describe() if precision.fp8 is not None else None,
                        loss_scaler=precision.loss_scaler, warmup_steps=warmup_steps_for(len(train_loader)))
     loop = Loop(cfg, model, precision, scheduler, train_loader, device, result,
-                scaled=precision.loss_scale() is not None, stop=stop)
+                scaled=precision.loss_scale() is not None, stop=stop, log=log)
     return loop, eval_loaders
 
 
@@ -380,7 +399,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     world = distributed.world_size()
     if not distributed.is_main():
         log = _quiet
-    loop, (val_loader, test_loader) = _build(cfg, splits, device, resume, stop)
+    loop, (val_loader, test_loader) = _build(cfg, splits, device, resume, stop, log)
     result, precision, model = loop.result, loop.precision, loop.model
     # the loader's position is (epoch, batch): epoch e's order and augmentation come from seed + e
     start_epoch = checkpoint.restore(loop, resume) if resume is not None else 0
