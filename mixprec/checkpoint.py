@@ -105,11 +105,16 @@ def best(state: dict, val_acc: float) -> dict:
     return {"epoch": state["epoch"], "val_acc": val_acc, "model": state["model"], "master": state["master"]}
 
 
-def load(run_dir: Path) -> dict:
-    """The checkpoint of the run in ``run_dir``, to resume it; a :class:`UsageError` when there is none to
-    resume from (the run completed, or its checkpoint is missing or unreadable)."""
+def load(run_dir: Path, epochs: int) -> dict:
+    """The checkpoint of the run in ``run_dir``, to resume it to ``epochs`` epochs; a :class:`UsageError` when
+    there is none to resume from (the run completed its own epochs and ``epochs`` does not extend it, or its
+    checkpoint is missing or unreadable). A completed run's checkpoint is its last epoch's, so a larger
+    ``epochs`` goes on from there (``--resume --epochs``, checked by :func:`mixprec.config.check_extension`)."""
     if (run_dir / "summary.json").exists() and read_json(run_dir / "summary.json").get("status") == "completed":
-        raise UsageError(f"--resume {run_dir}: that run has already completed; start a new run")
+        own = read_json(run_dir / "config.json")["epochs"]
+        if epochs <= own:
+            raise UsageError(f"--resume {run_dir}: that run has already completed its {own} epochs; extend it with "
+                             f"--epochs N (more than {own}), or start a new run")
     try:
         return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError:

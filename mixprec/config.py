@@ -32,6 +32,8 @@ MANUAL_DTYPES = ("float16", "bfloat16")
 MASTER_WEIGHTS = ("fp32", "none", "stochastic", "kahan")  # how manual mode's updates reach its half weights (master.py)
 FP8_RECIPES = ("off", "delayed", "current")
 ON_MIN_SCALE = ("raise", "skip")
+EXTENDABLE_SCHEDULES = ("step", "cosine-restarts")  # lr schedules that do not depend on --epochs
+# (train.make_scheduler): --resume --epochs may extend a run of these, and the run's lr is exactly a longer run's
 
 ROLES = {  # what an option is to the rest of mixprec; every field has at least one
     "study": "set per combination by python -m mixprec.study (its --models, --modes, --seeds, --lr, ... lists)",
@@ -163,6 +165,15 @@ class RunConfig:
                                      "of the 5,000-image validation split (quick runs only; recorded in the summary)")
     out: str = option("results", roles="copy", group="data",
                       help="results directory; the run goes to OUT/runs/<name>/")
+    log_every: int | None = option(None, roles="copy resumable", group="data", check="positive int", type=int,
+                                   metavar="N",
+                                   help="besides each epoch's line, log a progress line every N optimizer steps: "
+                                   "step, epoch, mean loss of the last N steps, lr, loss scale, images/s of the epoch "
+                                   "so far (each line waits for the device once); default: off")
+    tensorboard: bool = option(False, roles="copy resumable", group="data",
+                               help="also write TensorBoard scalars to RUN_DIR/tensorboard/ after every epoch: each "
+                               "optimizer step's loss, lr, loss scale and skip, each epoch's losses and accuracies, "
+                               "and the test result (needs pip install 'mixprec[tensorboard]')")
     # ablations and scaler controls (manual mode unless noted)
     loss_scale: str = option("dynamic", roles="ablation label manual", group="ablations",
                              help="dynamic: start at 2^16, halve on overflow, double after 2000 clean steps; none: "
@@ -378,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", default=None, metavar="RUN_DIR",
         help="continue an interrupted or failed run in place from its last checkpoint (taken at every epoch's end "
         "and where a SIGINT/SIGTERM stopped it), with its own options; options given with it must agree with them, "
-        "but --data may point to another copy of the data")
+        "but --data may point to another copy of the data, the logging options may change, and a larger --epochs "
+        "extends the run (a finished one too) to that many epochs, for --schedule step and cosine-restarts, whose lr "
+        "does not depend on the total")
     return p
 
 
@@ -391,7 +404,8 @@ def parse_command(argv: list[str] | None = None) -> tuple[RunConfig, Path | None
     """The command line as a :class:`RunConfig` plus the ``--resume`` run directory, if any.
 
     With ``--resume``, the configuration is the run's own ``config.json``, and any option given
-    beside it must agree with it (:data:`RESUME_MAY_CHANGE` excepted)."""
+    beside it must agree with it (:data:`RESUME_MAY_CHANGE` excepted), but for a larger ``--epochs``, which
+    extends the run (:func:`check_extension`)."""
     parser = build_parser()
     for flag in set(sys.argv[1:] if argv is None else argv) & set(REPLACED_FLAGS):
         parser.error(f"{flag} is now {REPLACED_FLAGS[flag]}")
@@ -411,12 +425,28 @@ def parse_command(argv: list[str] | None = None) -> tuple[RunConfig, Path | None
     for action in parser._actions:  # parse again without defaults: what did the user actually type?
         action.default = argparse.SUPPRESS
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in names}
+    if given.get("epochs", stored.epochs) != stored.epochs:
+        check_extension(stored, given["epochs"], run_dir)
     for key, value in given.items():
-        if key not in RESUME_MAY_CHANGE and value != getattr(stored, key):
+        if key not in (*RESUME_MAY_CHANGE, "epochs") and value != getattr(stored, key):
             option = option_name(key)
             raise UsageError(f"--resume {run_dir}: {option} {value!r} conflicts with the run's own "
                              f"{getattr(stored, key)!r}; drop the option, or start a new run")
-    return replace(stored, **{k: given[k] for k in RESUME_MAY_CHANGE if k in given}), run_dir
+    return replace(stored, **{k: given[k] for k in (*RESUME_MAY_CHANGE, "epochs") if k in given}), run_dir
+
+
+def check_extension(stored: RunConfig, epochs: int, run_dir: Path) -> None:
+    """Whether ``--resume run_dir --epochs epochs`` may extend the run of ``stored``: to more epochs than its
+    own, and only when its learning-rate schedule does not depend on the total (:data:`EXTENDABLE_SCHEDULES`),
+    so that the extended run's lr is exactly what a run of ``epochs`` epochs would have had (as Lightning's
+    ``max_epochs`` raised on a resumed fit). A :class:`UsageError` otherwise."""
+    if epochs < stored.epochs:
+        raise UsageError(f"--resume {run_dir}: --epochs {epochs} is fewer than the run's own {stored.epochs}; "
+                         f"--epochs only extends a run (give more than {stored.epochs}), or start a new run")
+    if stored.schedule not in EXTENDABLE_SCHEDULES:
+        raise UsageError(f"--resume {run_dir}: --epochs {epochs} cannot extend a --schedule {stored.schedule} run, "
+                         f"whose lr anneals to 0 over its own {stored.epochs} epochs (a {epochs}-epoch run's would "
+                         f"not have); start a new run with --epochs {epochs}")
 
 
 def option_name(name: str) -> str:

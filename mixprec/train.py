@@ -133,11 +133,12 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_e
 
 
 @torch.no_grad()
-def evaluate(precision: Precision, model: torch.nn.Module, loader: CifarLoader, labels: torch.Tensor,
-             flip: bool = False):
-    """Mean loss, accuracy, and the predictions of the split whose ``labels`` are given, using the mode's
-    own forward precision. ``flip``: the logits are the mean of each image's and its mirror image's
-    (test-time augmentation). Under DDP ``loader`` holds this rank's shard, and the results are gathered."""
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module, loader: CifarLoader,
+             labels: torch.Tensor, flip: bool = False):
+    """Mean loss, accuracy, and the predictions of the split whose ``labels`` are given, through ``forward``, the
+    mode's own forward precision (a :class:`~mixprec.steps.Precision`'s, or :func:`mixprec.steps.setup_inference`'s)
+    of ``model``. ``flip``: the logits are the mean of each image's and its mirror image's (test-time
+    augmentation). Under DDP ``loader`` holds this rank's shard, and the results are gathered."""
     model.eval()
     distributed.broadcast_buffers(model)  # every rank evaluates rank 0's BatchNorm statistics
     device = loader.labels.device
@@ -145,14 +146,24 @@ def evaluate(precision: Precision, model: torch.nn.Module, loader: CifarLoader, 
     preds = [torch.empty(0, dtype=torch.int64, device=device)]
     for images, y in tqdm(loader, desc="evaluating", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
                           disable=None if distributed.is_main() else True):
-        logits = precision.forward(images).float()
+        logits = forward(images).float()
         if flip:
-            logits = (logits + precision.forward(images.flip(3)).float()) / 2
+            logits = (logits + forward(images.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         preds.append(logits.argmax(1))
     preds = distributed.gather_rows(torch.cat(preds), len(labels)).cpu()
     loss_sum = distributed.sum_(loss_sum)
     return loss_sum.item() / len(labels), (preds == labels).float().mean().item(), preds
+
+
+def scores(loss: float, accuracy: float, preds: torch.Tensor, labels: torch.Tensor, classes) -> dict:
+    """What :func:`evaluate` found on a split, as ``summary.json`` records the test split's: ``accuracy``,
+    ``loss``, the ``confusion_matrix`` (rows: true class), ``per_class_accuracy`` ({class: accuracy}) and every
+    image's ``predictions`` (the run writes them as ``test_predictions.csv``)."""
+    cm = confusion_matrix(labels.numpy(), preds.numpy(), labels=list(range(len(classes))))
+    per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
+    return dict(accuracy=accuracy, loss=loss, confusion_matrix=cm.tolist(), predictions=preds.tolist(),
+                per_class_accuracy={c: float(a) for c, a in zip(classes, per_class)})
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -184,6 +195,7 @@ class Loop:
     result: RunResult
     scaled: bool  # whether a loss scaler absorbs overflows (else an inf/NaN loss is divergence)
     stop: object = None  # a threading.Event: stop after the step in progress
+    log: Callable[[str], None] = _quiet  # --log-every's progress lines go here
     best_val_acc: float = -1.0
     last_finite_loss: float = math.nan
     memory_settled: bool = False  # result.memory was measured on a step that was taken (not skipped)
@@ -266,6 +278,21 @@ def _check_losses(loop: Loop, losses: torch.Tensor, epoch: int, last_finite_loss
     return float(losses[finite.nonzero()[-1]]) if finite.any() else last_finite_loss
 
 
+def _log_progress(loop: Loop, p: EpochProgress, epoch: int, i: int, step: int, images: int, start: float) -> None:
+    """``--log-every``'s line after the epoch's step ``i`` (the run's optimizer step ``step``): the mean finite
+    loss of the last ``--log-every`` steps of this epoch (fewer at its start), the step's lr and loss scale, and
+    the epoch's ``images`` per second since ``start``. Reading the losses is a host sync (a collective under DDP,
+    where every rank logs at the same steps), on these steps only."""
+    window = _mean_over_ranks(p.losses[max(0, i + 1 - loop.cfg.log_every): i + 1])
+    finite = torch.isfinite(window)
+    loss = float(window[finite].mean()) if bool(finite.any()) else math.nan  # host sync
+    seconds = time.perf_counter() - start
+    scale = p.scales[-1]
+    loop.log(f"step {step} (epoch {epoch + 1}/{loop.cfg.epochs}, {i + 1}/{len(p.losses)})  loss {loss:.4f}  "
+             f"lr {p.lrs[-1]:.4g}" + (f"  loss scale {scale:g}" if scale is not None else "")
+             + (f"  {images / seconds:.0f} img/s" if seconds > 0 else ""))
+
+
 def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
     """One pass over the training split; ``partial`` continues an epoch that an interruption cut short.
     Until a step that was not skipped has measured a memory breakdown, every step measures one: a skipped
@@ -308,6 +335,8 @@ def _train_epoch(loop: Loop, epoch: int, partial: dict | None) -> EpochStats:
             last_finite_loss = _check_losses(loop, _mean_over_ranks(p.losses[: i + 1]), epoch, last_finite_loss)
             bar.set_postfix(loss=f"{last_finite_loss:.3f}",
                             img_s=f"{(i + 1 - begin) * loader.batch_size / (time.perf_counter() - start):.0f}")
+        if loop.cfg.log_every and (first_step + i) % loop.cfg.log_every == 0:
+            _log_progress(loop, p, epoch, i, first_step + i, (i + 1 - begin) * loader.batch_size, start)
     losses, correct = _mean_over_ranks(p.losses), distributed.sum_(p.correct)
     finite = torch.isfinite(losses)
     mean_loss = float(losses[finite].mean()) if bool(finite.any()) else math.nan
@@ -326,7 +355,8 @@ def setup_device(cfg: RunConfig) -> torch.device:
     return device
 
 
-def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | None, stop) -> tuple[Loop, list]:
+def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | None, stop,
+           log: Callable[[str], None]) -> tuple[Loop, list]:
     """The run's parts, seeded: the loop over the training split, and the validation and test loaders."""
     world = distributed.world_size()
     tf32 = dev.configure(device, cfg.deterministic, cfg.tf32)
@@ -352,7 +382,7 @@ def _build(cfg: RunConfig, splits: Splits, device: torch.device, resume: dict | 
                        fp8=precision.fp8.describe() if precision.fp8 is not None else None,
                        loss_scaler=precision.loss_scaler, warmup_steps=warmup_steps_for(len(train_loader)))
     loop = Loop(cfg, model, precision, scheduler, train_loader, device, result,
-                scaled=precision.loss_scale() is not None, stop=stop)
+                scaled=precision.loss_scale() is not None, stop=stop, log=log)
     return loop, eval_loaders
 
 
@@ -371,7 +401,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     world = distributed.world_size()
     if not distributed.is_main():
         log = _quiet
-    loop, (val_loader, test_loader) = _build(cfg, splits, device, resume, stop)
+    loop, (val_loader, test_loader) = _build(cfg, splits, device, resume, stop, log)
     result, precision, model = loop.result, loop.precision, loop.model
     # the loader's position is (epoch, batch): epoch e's order and augmentation come from seed + e
     start_epoch = checkpoint.restore(loop, resume) if resume is not None else 0
@@ -405,7 +435,7 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
             result.warmup_time_s += stats.warmup_seconds
             result.warmup_images += stats.warmup_images
             result.skipped_steps += stats.skipped_steps
-            val_loss, val_acc, _ = evaluate(precision, model, val_loader, splits.val[1], cfg.test_time_flip)
+            val_loss, val_acc, _ = evaluate(precision.forward, model, val_loader, splits.val[1], cfg.test_time_flip)
             lr = stats.steps[0]["lr"]  # at the epoch's first step, also when it was resumed part-way
             row = dict(epoch=epoch + 1, train_loss=stats.loss, train_acc=stats.accuracy, val_loss=val_loss,
                        val_acc=val_acc, lr=lr, epoch_time_s=seconds, loss_scale=precision.loss_scale(),
@@ -430,10 +460,6 @@ def train(cfg: RunConfig, splits: Splits, *, on_epoch: Callable[[RunResult, dict
     result.peak_memory_bytes = dev.peak_memory_bytes(device)
     result.final_loss_scale = precision.loss_scale()
     if result.status == "completed":
-        test_loss, test_acc, preds = evaluate(precision, model, test_loader, splits.test[1], cfg.test_time_flip)
-        labels = splits.test[1].numpy()
-        cm = confusion_matrix(labels, preds.numpy(), labels=list(range(len(splits.classes))))
-        per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
-        result.test = dict(accuracy=test_acc, loss=test_loss, confusion_matrix=cm.tolist(), predictions=preds.tolist(),
-                           per_class_accuracy={c: float(a) for c, a in zip(splits.classes, per_class)})
+        test = evaluate(precision.forward, model, test_loader, splits.test[1], cfg.test_time_flip)
+        result.test = scores(*test, splits.test[1], splits.classes)
     return result

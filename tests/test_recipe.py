@@ -135,7 +135,7 @@ def test_test_time_flip_averages_the_logits_of_the_mirror_images(mode, extra):
         mirrored = torch.cat([p.forward(x.flip(3)).float() for x in batches])
         assert not torch.allclose(plain, mirrored)  # the net is not mirror-invariant: the test can fail
         for flip, logits in ((False, plain), (True, (plain + mirrored) / 2)):
-            loss, acc, preds = evaluate(p, model, loader, labels, flip=flip)
+            loss, acc, preds = evaluate(p.forward, model, loader, labels, flip=flip)
             assert torch.equal(preds, logits.argmax(1))
             assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
             assert acc == pytest.approx((logits.argmax(1) == labels).float().mean().item())

@@ -101,10 +101,11 @@ def test_sigint_exits_130_and_keeps_a_checkpoint(tiny_cifar, tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] >= 1
 
 
-def _fake_run(tmp_path, status=None) -> Path:
+def _fake_run(tmp_path, status=None, **options) -> Path:
     run = tmp_path / "runs" / "resnet20-manual-s0-x"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(asdict(RunConfig(mode="manual", model="resnet20", epochs=3))))
+    cfg = RunConfig(mode="manual", model="resnet20", epochs=3, **options)
+    (run / "config.json").write_text(json.dumps(asdict(cfg)))
     if status:
         (run / "summary.json").write_text(json.dumps({"status": status}))
     return run
@@ -112,16 +113,21 @@ def _fake_run(tmp_path, status=None) -> Path:
 
 @pytest.mark.parametrize("case,expect", [
     ("not a run", "not a mixprec run directory"),
-    ("conflict", "--epochs 9 conflicts with the run's own 3"),
-    ("completed", "already completed"),
+    ("conflict", "--lr 0.5 conflicts with the run's own 0.1"),
+    ("completed", "that run has already completed its 3 epochs; extend it with --epochs N (more than 3)"),
     ("no checkpoint", "no checkpoint.pt"),
+    ("fewer epochs", "--epochs 2 is fewer than the run's own 3; --epochs only extends a run"),
+    ("cosine extended", "--epochs 9 cannot extend a --schedule cosine run, whose lr anneals to 0 over its own 3 "
+                        "epochs (a 9-epoch run's would not have); start a new run with --epochs 9"),
 ])
 def test_resume_refuses_with_one_line(case, expect, tmp_path, capsys):
+    extra = {"conflict": ["--lr", "0.5"], "fewer epochs": ["--epochs", "2"], "cosine extended": ["--epochs", "9"]}
     if case == "not a run":
         args = ["--resume", str(tmp_path)]
     else:
-        run = _fake_run(tmp_path, "completed" if case == "completed" else None)
-        args = ["--resume", str(run)] + (["--epochs", "9"] if case == "conflict" else [])
+        run = _fake_run(tmp_path, "completed" if case in ("completed", "cosine extended") else None,
+                        **({"schedule": "cosine"} if case == "cosine extended" else {}))
+        args = ["--resume", str(run), *extra.get(case, [])]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expect in err[0]
@@ -202,3 +208,37 @@ def test_stochastic_and_kahan_runs_stopped_mid_epoch_resume_bit_identical(tiny_c
     assert str(end["optimizer"]) == str(end2["optimizer"])
     pd.testing.assert_frame_equal(pd.DataFrame(full.steps), pd.DataFrame(resumed.steps))
     assert pd.DataFrame(full.steps)["update_lost_nearest_frac"].notna().sum() > 0
+
+
+def test_resume_with_more_epochs_extends_a_finished_run_to_what_a_longer_run_ends_with(tiny_cifar, tiny_models,
+                                                                                       tmp_path, capsys):
+    """--resume RUN --epochs 2 of a finished 1-epoch run (--schedule step, whose lr does not depend on the total)
+    continues from its last checkpoint. Bit for bit with a straight 2-epoch run, as both train in this process
+    with the same kernels."""
+    args = ["--mode", "manual", "--model", "tiny", "--batch-size", "32", "--device", "cpu", "--deterministic",
+            "--schedule", "step", "--data", str(tiny_cifar["pickles"])]
+    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "straight")]) == 0
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "extended")]) == 0
+    straight, run = _run_dir(tmp_path / "straight"), _run_dir(tmp_path / "extended")
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 1
+    capsys.readouterr()
+
+    assert main(["--resume", str(run), "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"extending {run} from 1 to 2 epochs" in err and "at the start of epoch 2 of 2" in err
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == summary["epochs_completed"] == 2
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, run))
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert all(torch.equal(x, y) for x, y in zip(a["master"], b["master"], strict=True))
+    ea, eb = (pd.read_csv(d / "epochs.csv").drop(columns="epoch_time_s") for d in (straight, run))
+    assert len(eb) == 2
+    pd.testing.assert_frame_equal(ea, eb)
+    pd.testing.assert_frame_equal(pd.read_csv(straight / "steps.csv"), pd.read_csv(run / "steps.csv"))
+    assert summary["test_accuracy"] == json.loads((straight / "summary.json").read_text())["test_accuracy"]
+
+    assert main(["--resume", str(run)]) == 2  # done: now a 2-epoch run, completed
+    assert "already completed its 2 epochs" in capsys.readouterr().err

@@ -366,3 +366,74 @@ def test_the_report_requires_summary_fields_that_the_record_has():
 
     assert set(SUMMARY_REQUIRED) <= {f.name for f in fields(RunSummary)}
     assert REQUIRED["summary.json"] is SUMMARY_REQUIRED  # derived, not restated
+
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "  # train.log's ISO 8601 UTC prefix
+
+
+def _tiny_run(tiny_cifar, out, *extra, mode="manual", epochs=2):
+    return main(["--mode", mode, "--model", "tiny", "--epochs", str(epochs), "--batch-size", "32", "--device", "cpu",
+                 "--data", str(tiny_cifar["pickles"]), "--out", str(out), *extra])
+
+
+def test_log_every_adds_a_progress_line_every_n_steps_and_train_log_is_timestamped(tiny_cifar, tiny_models, tmp_path,
+                                                                                  capsys):
+    assert _tiny_run(tiny_cifar, tmp_path / "plain") == 0  # off by default: no progress lines
+    plain = (_only_run(tmp_path / "plain") / "train.log").read_text().splitlines()
+    assert plain and all(re.match(STAMP, line) for line in plain)
+    assert not [line for line in plain if re.match(STAMP + "step ", line)]
+    capsys.readouterr()
+
+    assert _tiny_run(tiny_cifar, tmp_path / "logged", "--log-every", "2") == 0  # 5 steps per epoch, 10 in all
+    run = _only_run(tmp_path / "logged")
+    lines = (run / "train.log").read_text().splitlines()
+    assert all(re.match(STAMP, line) for line in lines)
+    progress = [re.sub(STAMP, "", line) for line in lines if re.match(STAMP + "step ", line)]
+    steps = pd.read_csv(run / "steps.csv")
+    pattern = (r"step (\d+) \(epoch (\d)/2, (\d)/5\)  loss (\S+)  lr 0\.1  loss scale (\S+)  \d+ img/s")
+    matched = [re.fullmatch(pattern, line) for line in progress]
+    assert all(matched), progress
+    assert [int(m[1]) for m in matched] == [2, 4, 6, 8, 10]
+    assert [(int(m[2]), int(m[3])) for m in matched] == [(1, 2), (1, 4), (2, 1), (2, 3), (2, 5)]
+    for m in matched:  # the mean of the epoch's last 2 steps (1 at epoch 2's first)
+        step, in_epoch = int(m[1]), int(m[3])
+        window = steps[(steps.step > step - min(2, in_epoch)) & (steps.step <= step)]
+        assert float(m[4]) == pytest.approx(window.loss.mean(), abs=1e-4)
+        assert float(m[5]) == steps.loss_scale[step - 1]
+    err = capsys.readouterr().err  # the console's lines are the bare ones
+    assert "[mixprec] step 2 (epoch 1/2, 2/5)  loss " in err
+
+
+def test_tensorboard_writes_each_steps_and_epochs_scalars_also_across_an_extension(tiny_cifar, tiny_models, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert _tiny_run(tiny_cifar, tmp_path, "--tensorboard", epochs=1) == 0
+    run = _only_run(tmp_path)
+    first_test = json.loads((run / "summary.json").read_text())["test_accuracy"]
+    assert main(["--resume", str(run), "--epochs", "2"]) == 0  # the second epoch's scalars follow the first's
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    steps, epochs = pd.read_csv(run / "steps.csv"), pd.read_csv(run / "epochs.csv")
+    assert [s for s, _ in scalars["step/loss"]] == steps.step.tolist() == list(range(1, 11))
+    for tag, column in (("step/loss", "loss"), ("step/lr", "lr"), ("step/loss_scale", "loss_scale"),
+                        ("step/skipped", "skipped")):
+        assert [v for _, v in scalars[tag]] == pytest.approx(steps[column].astype(float).tolist(), rel=1e-6), tag
+    for tag in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert scalars[f"epoch/{tag}"] == [(5, pytest.approx(epochs[tag][0], rel=1e-6)),
+                                           (10, pytest.approx(epochs[tag][1], rel=1e-6))], tag
+    summary = json.loads((run / "summary.json").read_text())
+    assert scalars["test/accuracy"] == [(5, pytest.approx(first_test, rel=1e-6)),  # each length's test result
+                                        (10, pytest.approx(summary["test_accuracy"], rel=1e-6))]
+
+
+def test_tensorboard_without_the_package_stops_before_the_run_in_one_line(tiny_cifar, tiny_models, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
+    for name in [m for m in sys.modules if m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert _tiny_run(tiny_cifar, tmp_path, "--tensorboard") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tensorboard needs the tensorboard package: pip install 'mixprec[tensorboard]'" in err[0]
+    assert not (tmp_path / "runs").exists()
