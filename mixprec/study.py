@@ -27,7 +27,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .cli import OneLineParser, UsageError, handling_signals
-from .config import MODES, RunConfig, changed, config_from_json, defaults, option_name, options_with, parse_command
+from .config import (
+    MODES,
+    RESUME_MAY_CHANGE,
+    RunConfig,
+    changed,
+    config_from_json,
+    defaults,
+    option_name,
+    options_with,
+    parse_command,
+)
 
 PROG = "python -m mixprec.study"
 VARIED = (*map(option_name, options_with("study")), "--resume")  # what the study sets per combination
@@ -107,16 +117,18 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[Combin
 
 
 def find_run(out: str, argv_run: list[str]) -> tuple[Path, str] | None:
-    """The newest run directory under ``out/runs`` with this command line's configuration (``--data``
-    aside), and its status: ``completed``, ``interrupted``, ``failed`` or ``unknown`` (no summary yet)."""
+    """The newest run directory under ``out/runs`` with this command line's configuration (the options that
+    ``--resume`` may change, such as ``--data`` and ``--log-every``, aside), and its status: ``completed``,
+    ``interrupted``, ``failed`` or ``unknown`` (no summary yet)."""
     from .results import read_json
 
+    aside = dict.fromkeys(RESUME_MAY_CHANGE)  # reset to None on both sides: they do not change what a run trains
     cfg, _ = parse_command(argv_run)
-    cfg = replace(cfg, data=None)
+    cfg = replace(cfg, **aside)
     found = []
     for config_file in (Path(out) / "runs").glob("*/config.json"):
         try:
-            if replace(config_from_json(read_json(config_file)), data=None) != cfg:
+            if replace(config_from_json(read_json(config_file)), **aside) != cfg:
                 continue
         except (OSError, ValueError, TypeError, UsageError):
             continue  # not a run of ours, or a corrupt one: the report warns about those

@@ -115,6 +115,26 @@ def test_a_run_made_with_the_old_master_weights_flag_counts_as_done(tmp_path, ol
     other, = plan(["--models", "resnet20", "--modes", "manual", "--out", str(tmp_path), "--master-weights", "kahan"])[1]
     assert find_run(str(tmp_path), other.argv) is None
 
+def test_options_that_do_not_change_training_do_not_make_a_completed_run_new(tmp_path):
+    """Rerunning a study with --log-every or --tensorboard added, or --data elsewhere, finds the runs it made;
+    an option that changes the training (--epochs) does not."""
+    from dataclasses import asdict
+
+    from mixprec.config import RunConfig
+    from mixprec.study import find_run
+
+    run = tmp_path / "runs" / "resnet20-manual-s0-done"
+    run.mkdir(parents=True)
+    write_json(run / "config.json", asdict(RunConfig(mode="manual", model="resnet20", out=str(tmp_path))))
+    write_json(run / "summary.json", {"status": "completed"})
+    base = ["--models", "resnet20", "--modes", "manual", "--out", str(tmp_path)]
+    for extra in ([], ["--log-every", "10"], ["--tensorboard"], ["--data", "elsewhere"]):
+        combo, = plan([*base, *extra])[1]
+        assert find_run(str(tmp_path), combo.argv) == (run, "completed"), extra
+    longer, = plan([*base, "--epochs", "3"])[1]
+    assert find_run(str(tmp_path), longer.argv) is None
+
+
 CHILD = """
 import signal, sys
 def note(signum, frame):
