@@ -12,7 +12,7 @@ The alternatives keep no FP32 weights from one step to the next:
 * ``none``: the optimizer updates the half weights in place, and an update below half their spacing is lost
   (:func:`lost_updates` measures how many).
 * ``stochastic``: the optimizer updates FP32 working copies of the half weights, widened from them just
-  before the step, and each new weight is rounded stochastically into the model (:func:`stochastic_round`):
+  before the step and freed after it (between steps they hold no storage), and each new weight is rounded stochastically into the model (:func:`stochastic_round`):
   up or down with the probabilities that make its expectation the FP32 result (Wang et al. 2018; Zamirai et
   al. 2020). The random bits come from a generator of their own, seeded by the run's seed.
 * ``kahan``: the same working copies, and each new weight is rounded to nearest, with what rounding took
@@ -152,9 +152,11 @@ class MasterWeights:
         self.kind = kind
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         # none: the optimizer owns the model's own parameters. Otherwise FP32 ones: with fp32 the master weights,
-        # with stochastic and kahan working copies, widened from the half weights before every step
+        # with stochastic and kahan working copies, widened from the half weights for each step and released
+        # after it (the Parameters keep their shape, as the optimizer's keys; between steps, no storage)
         self.params = (self.model_params if kind == "none"
                        else [nn.Parameter(p.detach().clone().float()) for p in self.model_params])
+        self._release_workspace_()
         device = self.model_params[0].device if self.model_params else torch.device("cpu")
         self.generator = (torch.Generator(device=device).manual_seed(seed + ROUNDING_SEED_OFFSET)
                           if kind == "stochastic" else None)
@@ -167,11 +169,19 @@ class MasterWeights:
         return self.params if self.kind == "fp32" else []
 
     @property
-    def workspace(self) -> list[torch.Tensor]:
-        """The FP32 working copies that the optimizer steps with ``stochastic`` and ``kahan`` (else none). They
-        carry nothing from one step to the next (:meth:`stepping` widens them from the half weights first);
-        an implementation that fused the step and the rounding into one kernel would not need them."""
-        return self.params if self.kind in ("stochastic", "kahan") else []
+    def workspace_bytes(self) -> int:
+        """Bytes of the FP32 working copies that the optimizer steps with ``stochastic`` and ``kahan`` (else 0).
+        They exist only during the optimizer step (:meth:`stepping` widens them from the half weights first and
+        releases them after): a transient, not a copy of the weights kept between steps; an implementation that
+        fused the step and the rounding into one kernel would not need them at all."""
+        return 4 * sum(p.numel() for p in self.model_params) if self.kind in ("stochastic", "kahan") else 0
+
+    def _release_workspace_(self) -> None:
+        """``stochastic`` and ``kahan``: free the working copies' storage, keeping their shape (as FSDP frees a
+        sharded parameter's). Their gradients, the FP32 gradients the scaler unscales into, stay."""
+        if self.kind in ("stochastic", "kahan"):
+            for m in self.params:
+                m.untyped_storage().resize_(0)
 
     @property
     def compensation(self) -> list[torch.Tensor]:
@@ -213,10 +223,13 @@ class MasterWeights:
             if before is not None:
                 self.telemetry.record(lost_updates(optimizer, halves, before))
             return
+        for m in self.params:
+            m.untyped_storage().resize_(m.numel() * m.element_size())
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.model_params)  # half -> FP32 is exact
         yield
         self._round_into_model_(measure)
+        self._release_workspace_()
 
     @torch.no_grad()
     def _round_into_model_(self, measure: bool) -> None:

@@ -53,8 +53,8 @@ def breakdown(model: torch.nn.Module, master, optimizer: torch.optim.Optimizer, 
     master weights (``--master-weights fp32``; 0 otherwise), gradients (the model's, and the FP32 ones of
     whatever the optimizer steps in their stead), optimizer state (momentum buffers), ``activations`` as
     measured by :class:`SavedTensorBytes`, Kahan compensation buffers (``kahan``), and the FP32 working copies
-    that the optimizer steps with ``stochastic`` and ``kahan`` (``update_workspace``: refreshed from the half
-    weights at every step, so they carry nothing across steps; a fused step would not need them). ``master``
+    that the optimizer steps with ``stochastic`` and ``kahan`` (``update_workspace``: allocated for the optimizer
+    step only, widened from the half weights, and freed after it; a fused step would not need them). ``master``
     is a :class:`~mixprec.master.MasterWeights`, or None outside manual mode."""
     own = master is not None and master.params is not master.model_params  # FP32 Parameters of its own
     return {
@@ -66,5 +66,5 @@ def breakdown(model: torch.nn.Module, master, optimizer: torch.optim.Optimizer, 
                                         if isinstance(v, torch.Tensor)),
         "activations": activations,
         "compensation": tensor_bytes(master.compensation) if master is not None else 0,
-        "update_workspace": tensor_bytes(master.workspace) if master is not None else 0,
+        "update_workspace": master.workspace_bytes if master is not None else 0,
     }

@@ -38,7 +38,8 @@ def test_breakdown_by_role_on_a_real_step(breakdowns):
 def test_each_master_weights_kind_shows_what_it_keeps(kind, dtype, tiny_models):
     """FP32 master copies (4 bytes a parameter) with fp32; a half compensation buffer per half parameter (2
     bytes) with kahan; nothing with stochastic and none. stochastic and kahan step FP32 working copies, shown
-    apart, with FP32 gradients and momentum as fp32 has; none steps the half weights, with half momentum."""
+    apart and held during the step only, with FP32 gradients and momentum as fp32 has; none steps the half
+    weights, with half momentum."""
     torch.manual_seed(0)
     model = TinyNet()
     p = setup_precision(tiny_cfg(master_weights=kind, manual_dtype=dtype, loss_scale="none"), model, CPU)
@@ -54,6 +55,9 @@ def test_each_master_weights_kind_shows_what_it_keeps(kind, dtype, tiny_models):
     assert mem["update_workspace"] == (4 * params if kind in ("stochastic", "kahan") else 0)
     assert mem["grads"] == model_grads + (4 * params if fp32_copies else 0)
     assert mem["optimizer_state"] == (4 * params if fp32_copies else model_grads)  # momentum, as the weights it steps
+    # the working copies exist during the optimizer step only: between steps they hold no storage
+    held = sum(m.untyped_storage().nbytes() for m in p.master.params) if kind != "none" else 0  # none: the model's
+    assert held == (4 * params if kind == "fp32" else 0)
 
 
 def _buffer_bytes():
