@@ -17,17 +17,7 @@
 # the seeds, e.g. SEEDS=2 for the third alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"  # a plain `python` may be absent, or not the one with torch
-STUDY=("$PYTHON" -m mixprec.study)
-if [[ "${1:-}" == --plan ]]; then
-    STUDY=("$PYTHON" -c 'import sys
-from mixprec.config import parse_args
-from mixprec.study import plan
-_, combos = plan(sys.argv[1:])
-for c in combos:
-    parse_args(c.argv)
-    print("python -m mixprec.run", " ".join(c.argv))')
-fi
+source experiments/study_common.sh "$@"  # PYTHON, and STUDY: the study, or with --plan a check of it
 OUT=results/ablation-study
 RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.2 --nesterov --momentum 0.9 --weight-decay 5e-4
         --batch-size 64 --label-smoothing 0.1 --crop-padding 2 --test-time-flip)
