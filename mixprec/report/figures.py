@@ -109,13 +109,15 @@ def confusion_difference_figure(groups: list[Group]):
     classes = list(groups[0].runs[0].summary["per_class_accuracy"])
     diffs = [100 * (normalized_confusion(g.subset(seeds)) - normalized_confusion(base.subset(seeds)))
              for g, base, seeds in pairs]
-    bound = max(1.0, max(float(np.abs(d).max()) for d in diffs))
-    fig, axes = _grid(len(pairs), 4.8, 4.6)
+    bounds = {}  # one colour scale per model: one model's large differences must not wash out another's
+    for (g, _, _), d in zip(pairs, diffs):
+        bounds[g.model] = max(bounds.get(g.model, 1.0), float(np.abs(d).max()))
+    fig, axes = _grid(len(pairs), 5.4, 4.6)
     for ax, (g, _, seeds), diff in zip(axes, pairs, diffs):
         title = textwrap.fill(f"{g.title} minus FP32 (seeds {', '.join(map(str, seeds))})", 52)
-        image = _confusion_panel(ax, diff, classes, title,
-                                 vmin=-bound, vmax=bound, cmap="RdBu", fmt="+.1f")
-    fig.colorbar(image, ax=list(axes), shrink=0.6, label="difference (percentage points of the true class)")
+        image = _confusion_panel(ax, diff, classes, title, vmin=-bounds[g.model], vmax=bounds[g.model], cmap="RdBu",
+                                 fmt="+.1f")
+        fig.colorbar(image, ax=ax, shrink=0.7, label="percentage points of the true class")
     fig.suptitle("Confusion matrices minus FP32's, paired by seed")
     return fig
 
@@ -196,8 +198,8 @@ def curves_figure(groups: list[Group]):
     fig = _figure(11.0, 3.6 * len(per_model))
     axes = fig.subplots(len(per_model), 2, squeeze=False)
     smoothed = any(r.config.get("label_smoothing") for g in groups for r in g.runs)
-    nan_marked = False
     for (ax_loss, ax_acc), (model, model_groups) in zip(axes, per_model.items()):
+        nan_marked = False
         epochs = pd.concat([r.epochs for g in model_groups for r in g.runs])["epoch"]
         span = (epochs.min() - 0.5, epochs.max() + 0.5)  # a one-epoch run is still a readable point at 1
         for g in model_groups:
@@ -532,7 +534,8 @@ CAPTIONS = {
     "confusion_difference.png": "Each mode's normalized test confusion matrix minus its FP32 baseline's, over the "
                                 "seeds both ran, in percentage points of the true class: the diagonal is each "
                                 "class's accuracy gained (blue) or lost (red), the rest the confusions added or "
-                                "removed. With few seeds, differences of a few points are within seed noise.",
+                                "removed; one colour scale per model. With few seeds, differences of a few points are "
+                                "within seed noise.",
     "prediction_flips.png": "The share of test images whose predicted class differs from FP32's, run against "
                             "FP32 of the same seed (the same initial weights and batches), split into images FP32 "
                             "got right and the mode wrong (red), the reverse (blue), and images both got wrong "
