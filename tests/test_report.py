@@ -632,6 +632,13 @@ def test_layer_heatmaps_show_each_groups_layers_by_step_and_only_where_measured(
     assert grid.loc["bn", 3] == pytest.approx(sum(float(f.value.iloc[0]) for f in by_seed) / 2)  # mean over seeds
     fig = layer_grads_figure(groups, "weight")
     assert len(fig.axes) == len(LAYER_PANELS) + len(LAYER_PANELS)  # one row of panels, and a colour bar for each
+    # the table: means over layers, steps and seeds; the least headroom seen
+    table = pd.read_csv(out / "layer_grads.csv").set_index("tensor")
+    both = pd.concat(r.layers for r in manual.runs)
+    act = both[both.tensor == "activation"]
+    assert table.loc["activation", "zero_frac"] == pytest.approx(act[act.statistic == "zero_frac"].value.mean())
+    assert table.loc["activation", "least_headroom_log2"] == act[act.statistic == "headroom_log2"].value.min()
+    assert "## Gradients layer by layer" in (out / "report.md").read_text()
 
 
 def test_telemetry_table_lists_skips_per_seed_and_means_over_measured_steps(tmp_path, capsys):

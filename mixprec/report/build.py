@@ -62,7 +62,8 @@ def report_markdown(root: Path, runs: list[Run], groups: list[Group], excluded: 
                        f"as `{UNTIMED}` says:"), ""]
         lines += [f"- `{_relative(r.path, root)}`: {r.untimed}" for r in untimed]
     titles = {"comparison": "Comparison with the baseline", "grid": "Hyperparameter grid",
-              "telemetry": "Skipped steps and precision telemetry", "per_class_accuracy": "Per-class test accuracy",
+              "telemetry": "Skipped steps and precision telemetry", "layer_grads": "Gradients layer by layer",
+              "per_class_accuracy": "Per-class test accuracy",
               "inference": "Inference latency and memory", STEP_BENCH_TABLE: "Training step: speed and memory"}
     for name, text in sections.items():
         if name != "findings":  # at the top

@@ -553,6 +553,52 @@ def telemetry_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
             "that mode.\n\n" + markdown_table(shown))
 
 
+LAYER_STATS = {"zero_frac": "zero as computed", "fp16_underflow_frac": "nonzero, 0 in FP16 at scale 1",
+               "fp16_subnormal_frac": "subnormal in FP16 at scale 1"}  # layer_grads.csv's, as percentages
+
+
+def layer_stats_table(groups: list[Group]) -> pd.DataFrame | None:
+    """Per group with ``--layer-stats-every`` runs, per tensor (activation, weight gradients): the means over
+    layers, measured steps and seeds of :data:`LAYER_STATS` (each layer weighs the same), the layer and step
+    with the most of the underflow, and the least headroom to 65504 seen. None without such runs."""
+    rows = []
+    for g in groups:
+        frames = [r.layers for r in g.runs if r.layers is not None]
+        if not frames:
+            continue
+        table = pd.concat(frames)
+        for tensor in ("activation", "weight"):
+            t = table[table.tensor == tensor]
+            by = {stat: t[t.statistic == stat] for stat in (*LAYER_STATS, "headroom_log2")}
+            worst = by["fp16_underflow_frac"].groupby("layer")["value"].mean().sort_values(ascending=False)
+            rows.append({"model": g.model, "mode": g.label, **g.columns, "n": len(frames), "tensor": tensor,
+                         "steps": int(t.step.nunique()), "layers": int(t.layer.nunique()),
+                         **{stat: float(by[stat].value.mean()) for stat in LAYER_STATS},
+                         "most_underflow_layer": worst.index[0] if len(worst) else "",
+                         "most_underflow_frac": float(worst.iloc[0]) if len(worst) else math.nan,
+                         "least_headroom_log2": float(by["headroom_log2"].value.min())})
+    return pd.DataFrame(rows) if rows else None
+
+
+def layer_stats_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
+    extra = [c for c in table.columns if c in groups[0].columns]
+    shown = pd.DataFrame({"model": table["model"], "mode": table["mode"], **{c: table[c] for c in extra},
+                          "n": table["n"], "gradients": table["tensor"], "steps x layers": [
+                              f"{s} x {n}" for s, n in zip(table["steps"], table["layers"])],
+                          **{f"{name} (%)": [_num(100 * v, ".3g") for v in table[col]] for col, name in LAYER_STATS.items()},
+                          "layer losing most at scale 1": [f"`{layer}` ({_num(100 * v, '.3g')}%)" for layer, v in
+                                                           zip(table["most_underflow_layer"], table["most_underflow_frac"])],
+                          "least headroom (binades)": [_num(v, ".1f") for v in table["least_headroom_log2"]]})
+    return ("Per-layer gradient statistics (`--layer-stats-every`, `layer_grads.csv`): the gradients w.r.t. each "
+            "Conv2d, BatchNorm and Linear layer's output (activation) and its weight, as the run's backward pass "
+            "computed them at its loss scale. Means over layers, measured steps and seeds, each layer weighing the "
+            "same, as percentages of the elements: exactly zero as computed (what FP16 flushed, with the zeros any "
+            "precision has); nonzero but below 2^-24 once the scale is divided out (what FP16 would flush without "
+            "loss scaling); subnormal there (2^-24 to 2^-14). The layer whose gradients would lose most at scale 1 "
+            "(its mean), and the least headroom between the largest scaled gradient and 65504 at any step (below "
+            "0: an overflow).\n\n" + markdown_table(shown))
+
+
 def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
     """Write comparison, grid (when there is one), telemetry (when any run measured) and per-class tables as
     .csv and .md; return the markdown."""
@@ -573,6 +619,13 @@ def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
         sections["telemetry"] = telemetry_markdown(telemetry, groups)
     else:
         for stale in ("telemetry.md", "telemetry.csv"):
+            (out / stale).unlink(missing_ok=True)
+    layer_stats = layer_stats_table(groups)
+    if layer_stats is not None:
+        write_csv(out / "layer_grads.csv", layer_stats)
+        sections["layer_grads"] = layer_stats_markdown(layer_stats, groups)
+    else:
+        for stale in ("layer_grads.md", "layer_grads.csv"):
             (out / stale).unlink(missing_ok=True)
     per_class = per_class_table(groups)
     write_csv(out / "per_class_accuracy.csv", per_class)
