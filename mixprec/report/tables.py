@@ -497,6 +497,7 @@ TELEMETRY = {
     "fp8_grad_saturated_frac": "FP8 gradients saturated",
     "fp8_activation_saturated_frac": "FP8 activations saturated",
     "update_lost_frac": "updates lost to rounding",
+    "update_lost_nearest_frac": "updates nearest rounding would lose",
     "decay_lost_frac": "weight decays lost to rounding",
 }
 # the same means over the steps of each run's last epoch only, where the lr of a decaying schedule is smallest
@@ -548,7 +549,8 @@ def telemetry_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
             "every `--telemetry-every` steps), as percentages of the elements: exact zeros in the half gradients "
             "backward produced; unscaled gradients below FP16's smallest normal, 2^-14 (what FP16 would lose "
             "without loss scaling); FP8 gradients flushed to zero, FP8 gradients and activations saturated; without master "
-            "weights, nonzero SGD updates and weight decays that rounding to the weights' precision swallowed (the "
+            "weights, nonzero SGD updates and weight decays that rounding to the weights' precision swallowed, and with "
+            "stochastic rounding or Kahan compensation what rounding the same updates to nearest would have lost (the "
             "updates also over the last epoch alone, where a decaying lr is smallest). Blank: not measured in "
             "that mode.\n\n" + markdown_table(shown))
 
