@@ -608,27 +608,18 @@ def write_tables(out: Path, groups: list[Group]) -> dict[str, str]:
     write_csv(out / "comparison.csv", comparison)
     sections = {"findings": findings_markdown(comparison, groups),
                 "comparison": comparison_markdown(comparison, groups)}
-    grid = grid_table(groups)
-    if grid is not None:
-        write_csv(out / "grid.csv", grid)
-        sections["grid"] = grid_markdown(grid)
-    else:  # a grid from an earlier report would contradict this one
-        for stale in ("grid.md", "grid.csv"):
-            (out / stale).unlink(missing_ok=True)
-    telemetry = telemetry_table(groups)
-    if telemetry is not None:
-        write_csv(out / "telemetry.csv", telemetry)
-        sections["telemetry"] = telemetry_markdown(telemetry, groups)
-    else:
-        for stale in ("telemetry.md", "telemetry.csv"):
-            (out / stale).unlink(missing_ok=True)
-    layer_stats = layer_stats_table(groups)
-    if layer_stats is not None:
-        write_csv(out / "layer_grads.csv", layer_stats)
-        sections["layer_grads"] = layer_stats_markdown(layer_stats, groups)
-    else:
-        for stale in ("layer_grads.md", "layer_grads.csv"):
-            (out / stale).unlink(missing_ok=True)
+    # the optional tables: each written when the runs have what it shows, else removed (an earlier report's
+    # table would contradict this one)
+    for name, make, markdown in (("grid", grid_table, lambda t: grid_markdown(t)),
+                                 ("telemetry", telemetry_table, lambda t: telemetry_markdown(t, groups)),
+                                 ("layer_grads", layer_stats_table, lambda t: layer_stats_markdown(t, groups))):
+        table = make(groups)
+        if table is not None:
+            write_csv(out / f"{name}.csv", table)
+            sections[name] = markdown(table)
+        else:
+            for stale in (f"{name}.md", f"{name}.csv"):
+                (out / stale).unlink(missing_ok=True)
     per_class = per_class_table(groups)
     write_csv(out / "per_class_accuracy.csv", per_class)
     sections["per_class_accuracy"] = per_class_markdown(per_class, groups)
