@@ -378,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m mixprec.run",
         description="Train one CNN on CIFAR-10 in one precision mode and write a run directory: config.json, "
-        "env.json and train.log at the start; epochs.csv, steps.csv, checkpoint.pt and best.pt after every epoch; "
-        "confusion_matrix.csv and summary.json at the end.",
+        "env.json and train.log at the start; epochs.csv, steps.csv, checkpoint.pt and best.pt after every epoch "
+        "(with --layer-stats-every, layer_grads.csv; with --tensorboard, tensorboard/); confusion_matrix.csv, "
+        "test_predictions.csv and summary.json at the end (docs/runs.md).",
         formatter_class=HelpFormatter,
     )
     sections = {group: p.add_argument_group(title) if title else p for group, title in GROUPS.items()}

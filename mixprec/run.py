@@ -1,8 +1,9 @@
 """``python -m mixprec.run --mode baseline|amp|manual``: train one model in one mode, write its run directory.
 
 Writes ``config.json``, ``env.json`` and ``train.log`` first; ``epochs.csv``, ``steps.csv`` and
-``checkpoint.pt`` (and ``best.pt`` when validation accuracy improves) after every epoch; and
-``confusion_matrix.csv`` and ``summary.json`` at the end. Exit codes: 0 completed; 1 failed (diverged,
+``checkpoint.pt`` (and ``best.pt`` when validation accuracy improves) after every epoch, with the telemetry
+sources' own tables (``layer_grads.csv``); and ``confusion_matrix.csv``, ``test_predictions.csv`` and
+``summary.json`` at the end. Exit codes: 0 completed; 1 failed (diverged,
 or the loss scale collapsed), with the reason in the summary; 2 bad input, with a one-line error;
 130/143 interrupted by SIGINT/SIGTERM, after a checkpoint (``--resume RUN_DIR`` continues; with a larger
 ``--epochs``, it also extends a finished run). ``--tensorboard`` adds ``tensorboard/`` (:class:`TensorBoardLog`).
