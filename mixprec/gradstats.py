@@ -93,21 +93,30 @@ def _captured(module: nn.Module) -> bool:
                      or type(module).__module__ == nn.modules.activation.__name__)
 
 
-def capture_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One FP32 forward/backward pass of cross-entropy on ``(x, y)``; returns the activation and the
-    weight gradients (see the module docstring for which tensors), each flattened into one tensor."""
-    captured = []
+def backward_with_output_hooks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, on_grad) -> None:
+    """One FP32 forward/backward pass of cross-entropy on ``(x, y)`` from zeroed gradients, calling
+    ``on_grad(name, g)`` with the gradient of every captured module's output (see the module docstring), under
+    the module's name, as backward reaches it; the parameters' gradients are left in ``.grad``."""
+    names = {m: name for name, m in model.named_modules()}
 
     def on_forward(module, inputs, output):
-        # a copy, so that nothing autograd later does to its gradient buffers can change what was recorded
-        output.register_hook(lambda g: captured.append(g.detach().flatten().clone()))
+        output.register_hook(lambda g: on_grad(names[module], g))
 
     handles = [m.register_forward_hook(on_forward) for m in model.modules() if _captured(m)]
+    model.zero_grad(set_to_none=True)
     try:
         nn.functional.cross_entropy(model(x), y).backward()
     finally:
         for h in handles:
             h.remove()
+
+
+def capture_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One FP32 forward/backward pass of cross-entropy on ``(x, y)``; returns the activation and the
+    weight gradients (see the module docstring for which tensors), each flattened into one tensor."""
+    captured = []
+    # a copy, so that nothing autograd later does to its gradient buffers can change what was recorded
+    backward_with_output_hooks(model, x, y, lambda name, g: captured.append(g.detach().flatten().clone()))
     weights = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
     return {"activation": torch.cat(captured), "weight": torch.cat(weights)}
 
@@ -198,18 +207,7 @@ def layer_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerSums:
     captured module's output (``activation``, under the module's name; see the module docstring) and of every
     parameter (``weight``, under the parameter's name)."""
     sums = LayerSums()
-    names = {m: name for name, m in model.named_modules()}
-
-    def on_forward(module, inputs, output):
-        output.register_hook(lambda g: sums.add(names[module], "activation", g))
-
-    handles = [m.register_forward_hook(on_forward) for m in model.modules() if _captured(m)]
-    model.zero_grad(set_to_none=True)
-    try:
-        nn.functional.cross_entropy(model(x), y).backward()
-    finally:
-        for h in handles:
-            h.remove()
+    backward_with_output_hooks(model, x, y, lambda name, g: sums.add(name, "activation", g))
     for name, p in model.named_parameters():
         if p.grad is not None:
             sums.add(name, "weight", p.grad)

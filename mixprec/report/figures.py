@@ -295,11 +295,11 @@ def loss_scale_figure(groups: list[Group]):
     if not scaled:
         return None
     palette = _palette(groups)
-    panels: dict[tuple, list[tuple[int, Group, Run]]] = {}
-    for i, g in enumerate(scaled):
+    panels: dict[tuple, list[tuple[Group, Run]]] = {}
+    for g in scaled:
         for run in g.runs:
             if run.steps is not None:
-                panels.setdefault((g.model, g.environment, run.seed), []).append((i, g, run))
+                panels.setdefault((g.model, g.environment, run.seed), []).append((g, run))
     environments = {g.environment for g in scaled}
     ncols = min(2, len(panels))
     nrows = math.ceil(len(panels) / ncols)
@@ -307,7 +307,7 @@ def loss_scale_figure(groups: list[Group]):
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, ((model, environment, seed), lines) in zip(axes, sorted(panels.items())):
         marked = False
-        for i, g, run in lines:
+        for g, run in lines:
             steps = run.steps.dropna(subset=["loss_scale"])
             ax.plot(steps["step"], steps["loss_scale"], color=palette[g.short], lw=1.2, drawstyle="steps-post",
                     ls="--" if g.loss_scaler == "GradScaler" else "-",
@@ -320,8 +320,8 @@ def loss_scale_figure(groups: list[Group]):
                         label=None if marked else "skipped step")
                 marked = True
         ax.set_yscale("log", base=2)
-        last = max(run.steps["step"].max() for _, _, run in lines)
-        first_skip = min((run.steps.loc[run.steps["skipped"], "step"].min() for _, _, run in lines
+        last = max(run.steps["step"].max() for _, run in lines)
+        first_skip = min((run.steps.loc[run.steps["skipped"], "step"].min() for _, run in lines
                           if run.steps["skipped"].any()), default=None)
         if first_skip is not None and first_skip <= 0.02 * last:  # early skips: a log axis keeps them apart
             ax.set_xscale("log")
