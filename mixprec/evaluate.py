@@ -82,9 +82,11 @@ def load_run(run_dir: Path, which: str):
 def when(state: dict, epochs: int) -> str:
     """Which weights a checkpoint holds, for the output: ``"after epoch 3 of 3"``, ``"in epoch 2 of 3, after
     step 7 of 15"`` (an interruption's), ``"before the first epoch"``."""
-    done, partial = state["epoch"], state.get("partial_epoch")
-    if partial is not None:
-        return f"in epoch {done + 1} of {epochs}, after step {partial['steps_done']} of {len(partial['losses'])}"
+    from .checkpoint import position
+
+    done = state["epoch"]
+    if state.get("partial_epoch") is not None:
+        return position(state, epochs)  # where the interruption stopped it, as --resume says
     return f"after epoch {done} of {epochs}" if done else "before the first epoch"
 
 
