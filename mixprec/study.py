@@ -7,7 +7,8 @@ Every option of ``python -m mixprec.run`` other than those the study varies (``-
 ``--seed``, ``--lr``, ``--momentum``, ``--weight-decay``) is passed on to every run. Each combination runs
 in a process of its own, so its peak memory is its own. A combination whose run directory under
 ``OUT/runs/`` has the same configuration and completed is skipped, and one that was interrupted is resumed
-from its checkpoint, so running the same command again continues an interrupted study. A combination that
+from its checkpoint (a run killed outright, with no summary, from its last epoch's), so running the same
+command again continues an interrupted study. A combination that
 fails is recorded and the study goes on. ``OUT/study.json`` lists every combination and what became of it,
 and each run's console output is kept in ``OUT/study-logs/``. At the end it writes the report to
 ``OUT/report/`` and prints one line per group: model, mode, seeds, mean test accuracy and its difference
@@ -143,6 +144,13 @@ def find_run(out: str, argv_run: list[str]) -> tuple[Path, str] | None:
     return run_dir, status
 
 
+def resumable(run_dir: Path, status: str) -> bool:
+    """Whether a run found by :func:`find_run` can go on from its checkpoint: interrupted (it checkpointed on the
+    signal), or killed outright (SIGKILL, a lost machine: no summary) after its first checkpoint. Such a
+    run's CSVs are rewritten whole from the checkpoint, so the steps after it are simply run again."""
+    return status == "interrupted" or (status == "unknown" and (run_dir / "checkpoint.pt").exists())
+
+
 class Stop:
     """SIGINT/SIGTERM handler: passes the signal on, once, to the run in progress (which checkpoints and
     exits 130/143); the study then stops. Runs start in their own session, so a Ctrl-C in the terminal
@@ -160,9 +168,10 @@ class Stop:
 
 def run_one(combo: Combination, out: str, log_dir: Path, stop: Stop, existing: tuple[Path, str] | None) -> int:
     """Run one combination in a child process, or resume ``existing`` (its run directory and status, from
-    :func:`find_run`) when that was interrupted; its console output goes to ``log_dir``."""
+    :func:`find_run`) when that was interrupted, or killed (no summary) after its first checkpoint; its console
+    output goes to ``log_dir``."""
     argv = combo.argv
-    if existing is not None and existing[1] == "interrupted":
+    if existing is not None and resumable(*existing):
         data = combo.argv[combo.argv.index("--data"):][:2] if "--data" in combo.argv else []
         argv = ["--resume", str(existing[0]), *data]
     log = log_dir / (combo.label.replace(" ", "_").replace("=", "") + ".log")

@@ -86,6 +86,17 @@ def test_study_skips_completed_resumes_interrupted_and_records_failures(tiny_cif
     study = read_json(out / "study.json")
     assert [c["status"] for c in study["combinations"]] == ["skipped", "completed"]
 
+    # seed 1 killed outright (no summary; its epoch's checkpoint is there): continued in place too, not begun anew
+    (seed1 / "summary.json").unlink()
+    assert _study(*common, "--seeds", "1") == 0
+    assert sorted((out / "runs").iterdir()) == runs
+    assert read_json(seed1 / "summary.json")["test_accuracy"] == summary["test_accuracy"]
+    # killed before its first checkpoint: nothing to continue from, so a new run
+    (seed1 / "summary.json").unlink()
+    (seed1 / "checkpoint.pt").unlink()
+    assert _study(*common, "--seeds", "1") == 0
+    assert len(list((out / "runs").iterdir())) == 3
+
     # a combination that fails (here: more images asked for than the data has) is recorded; the study goes on
     code = _study(*common, "--seeds", "2", "0", "--subset", "100000")
     err = capsys.readouterr().err
