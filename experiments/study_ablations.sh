@@ -19,8 +19,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/study_common.sh "$@"  # PYTHON, and STUDY: the study, or with --plan a check of it
 OUT=results/ablation-study
-RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.2 --nesterov --momentum 0.9 --weight-decay 5e-4
-        --batch-size 64 --label-smoothing 0.1 --crop-padding 2 --test-time-flip)
 read -r -a SEED_LIST <<< "${SEEDS:-0 1 2 3 4}"
 COMMON=(--models resnet20 --epochs 8 --subset 10000 --device cpu
         --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --out "$OUT" --no-report)
@@ -48,7 +46,7 @@ for seed in "${SEED_LIST[@]}"; do
     [[ "$seed" == 0 || "$seed" == 1 ]] && variants+=("${FIRST_SEEDS_ONLY[@]}")
     for variant in "${variants[@]}"; do
         # shellcheck disable=SC2086  # a variant is several words on purpose
-        "${STUDY[@]}" $variant --seeds "$seed" "${RECIPE[@]}" "${COMMON[@]}"
+        "${STUDY[@]}" $variant --seeds "$seed" "${RESNET20_RECIPE[@]}" "${COMMON[@]}"
     done
 done
 if [[ "${1:-}" != --plan ]]; then

@@ -10,11 +10,15 @@
 # weight gradients every 40 steps (--layer-stats-every 40: layer_grads.csv, and the report's heatmaps; about 1%
 # of the training time, experiments/bench_layer_stats.py).
 #
+# Then a control, in results/effnet-study-resnet20/: resnet20 under the ablation study's protocol (10,000 images,
+# 8 epochs, RESNET20_RECIPE), manual with and without loss scaling, seed 0, with the same per-layer statistics:
+# where FP16 loses resnet20's gradients without a scale, for the model whose accuracy did not need one.
+#
 #   bash experiments/study_effnet.sh            # runs or continues it (about 12 minutes a run on one core)
 #   bash experiments/study_effnet.sh --plan     # only validates every mixprec.run command line and prints it
 #
 # Run it again after an interruption: completed runs are skipped, an interrupted one resumes. DATA overrides the
-# data path; SEEDS (default "0 1 2") the seeds.
+# data path; SEEDS (default "0 1 2") the seeds; CONTROL=0 leaves the control out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/study_common.sh "$@"  # PYTHON, and STUDY: the study, or with --plan a check of it
@@ -38,6 +42,16 @@ for seed in "${SEED_LIST[@]}"; do
         "${STUDY[@]}" $variant --seeds "$seed" "${RECIPE[@]}" "${COMMON[@]}"
     done
 done
+CONTROL_OUT=results/effnet-study-resnet20
+if [[ "${CONTROL:-1}" == 1 ]]; then
+    for variant in "--modes manual" "--modes manual --loss-scale none"; do
+        # shellcheck disable=SC2086
+        "${STUDY[@]}" $variant --seeds 0 "${RESNET20_RECIPE[@]}" --models resnet20 --epochs 8 --subset 10000 \
+            --device cpu --layer-stats-every 40 --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" \
+            --out "$CONTROL_OUT" --no-report
+    done
+fi
 if [[ "${1:-}" != --plan ]]; then
     "$PYTHON" -m mixprec.report "$OUT"
+    [[ "${CONTROL:-1}" == 1 ]] && "$PYTHON" -m mixprec.report "$CONTROL_OUT"
 fi
