@@ -236,7 +236,7 @@ def findings_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
             elif _num(r.accuracy_diff_pp, "g"):
                 text += f", {r.accuracy_diff_pp:+.2f} pp against FP32 (one seed: no interval)"
             if _num(r.skipped_steps_mean, "g"):
-                text += f"; {r.skipped_steps_mean:g} skipped steps on average"
+                text += f"; {r.skipped_steps_mean:.3g} skipped steps on average"
             if _num(r.memory_ratio_vs_baseline, "g"):
                 text += f"; peak memory {r.memory_ratio_vs_baseline:.2f}x FP32's"
             said.append(text)
