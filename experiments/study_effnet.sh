@@ -45,7 +45,7 @@ done
 CONTROL_OUT=results/effnet-study-resnet20
 if [[ "${CONTROL:-1}" == 1 ]]; then
     for variant in "--modes manual" "--modes manual --loss-scale none"; do
-        # shellcheck disable=SC2086
+        # shellcheck disable=SC2086  # a variant is several words on purpose
         "${STUDY[@]}" $variant --seeds 0 "${RESNET20_RECIPE[@]}" --models resnet20 --epochs 8 --subset 10000 \
             --device cpu --layer-stats-every 40 --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" \
             --out "$CONTROL_OUT" --no-report
@@ -53,5 +53,7 @@ if [[ "${CONTROL:-1}" == 1 ]]; then
 fi
 if [[ "${1:-}" != --plan ]]; then
     "$PYTHON" -m mixprec.report "$OUT"
-    [[ "${CONTROL:-1}" == 1 ]] && "$PYTHON" -m mixprec.report "$CONTROL_OUT"
+    if [[ "${CONTROL:-1}" == 1 ]]; then
+        "$PYTHON" -m mixprec.report "$CONTROL_OUT"
+    fi
 fi
