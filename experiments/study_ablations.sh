@@ -21,7 +21,7 @@ source experiments/study_common.sh "$@"  # PYTHON, and STUDY: the study, or with
 OUT=results/ablation-study
 read -r -a SEED_LIST <<< "${SEEDS:-0 1 2 3 4}"
 COMMON=(--models resnet20 --epochs 8 --subset 10000 --device cpu
-        --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --out "$OUT" --no-report)
+        --data "$DATA" --out "$OUT" --no-report)
 VARIANTS=(
     "--modes baseline"
     "--modes manual"

@@ -15,7 +15,7 @@
 # runs are skipped and an interrupted one is resumed. DATA overrides the data path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"  # a plain `python` may be absent, or not the one with torch
+source experiments/study_common.sh  # PYTHON and DATA
 PART="${1:-all}"
 shift || true
 SEEDS=("$@")
@@ -26,7 +26,7 @@ case "$PART" in
 esac
 RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.2 --nesterov --momentum 0.9 --weight-decay 5e-4
         --batch-size 64 --label-smoothing 0.1 --crop-padding 2 --test-time-flip)
-COMMON=(--modes baseline amp manual --device cpu --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+COMMON=(--modes baseline amp manual --device cpu --data "$DATA"
         --out results/cifar10-study)
 if [[ "$PART" != efficientnet_b0 ]]; then
     "$PYTHON" -m mixprec.study --models resnet20 --seeds "${SEEDS[@]}" --epochs 10 "${RECIPE[@]}" "${COMMON[@]}"

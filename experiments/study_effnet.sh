@@ -27,7 +27,7 @@ RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.03 --nesterov --momentum 0.9 
         --batch-size 64 --label-smoothing 0.1 --crop-padding 2 --test-time-flip)
 read -r -a SEED_LIST <<< "${SEEDS:-0 1 2}"
 COMMON=(--models efficientnet_b0 --epochs 4 --subset 10000 --device cpu --layer-stats-every 40
-        --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --out "$OUT" --no-report)
+        --data "$DATA" --out "$OUT" --no-report)
 VARIANTS=(
     "--modes baseline"
     "--modes amp"
@@ -47,7 +47,7 @@ if [[ "${CONTROL:-1}" == 1 ]]; then
     for variant in "--modes manual" "--modes manual --loss-scale none"; do
         # shellcheck disable=SC2086  # a variant is several words on purpose
         "${STUDY[@]}" $variant --seeds 0 "${RESNET20_RECIPE[@]}" --models resnet20 --epochs 8 --subset 10000 \
-            --device cpu --layer-stats-every 40 --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" \
+            --device cpu --layer-stats-every 40 --data "$DATA" \
             --out "$CONTROL_OUT" --no-report
     done
 fi
