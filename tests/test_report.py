@@ -192,6 +192,36 @@ def test_comparison_pairs_seeds_both_modes_ran_with_the_paired_t_interval_and_p_
     assert md.split("\n\n")[1] in (out / "report.md").read_text()  # the notes say which test each interval is from
 
 
+def test_holm_adjusts_a_family_of_p_values_and_leaves_non_tests_blank():
+    from mixprec.report.tables import holm
+
+    # by hand: sorted 0.01, 0.02, 0.03, 0.5 times 4, 3, 2, 1 -> 0.04, 0.06, 0.06 (kept monotone), 0.5
+    assert holm([0.03, math.nan, 0.01, 0.5, 0.02]) == pytest.approx([0.06, math.nan, 0.04, 0.5, 0.06], nan_ok=True)
+    assert holm([0.4, 0.9]).tolist() == [0.8, 0.9] and holm([0.7, 0.8]).tolist() == [1.0, 1.0]  # capped at 1
+    assert holm([0.2]).tolist() == [0.2] and holm([]).size == 0
+
+
+def test_report_adjusts_each_models_paired_p_values_together_with_holm(tmp_path, capsys):
+    for seed, acc in enumerate((0.80, 0.82, 0.84)):
+        make_run(tmp_path, f"base{seed}", seed=seed, acc=acc)
+    for seed, acc in enumerate((0.81, 0.85, 0.86)):  # +1, +3, +2 pp: paired p 0.0742 (the test above)
+        make_run(tmp_path, f"manual{seed}", mode="manual", seed=seed, acc=acc)
+    for seed, acc in enumerate((0.70, 0.73, 0.74)):  # -10, -9, -10 pp: a far smaller p
+        make_run(tmp_path, f"amp{seed}", mode="amp", seed=seed, acc=acc)
+    out, _, _ = report(tmp_path, capsys)
+
+    table = pd.read_csv(out / "comparison.csv").set_index("mode")
+    p_manual, p_amp = table.loc["manual", "paired_p"], table.loc["amp", "paired_p"]
+    assert p_amp < p_manual
+    assert table.loc["amp", "paired_p_holm"] == pytest.approx(2 * p_amp, rel=1e-9)  # smallest of 2: times 2
+    assert table.loc["manual", "paired_p_holm"] == pytest.approx(p_manual, rel=1e-9)  # largest: times 1
+    assert math.isnan(table.loc["baseline", "paired_p_holm"])  # a baseline is not a test
+    md = (out / "comparison.md").read_text()
+    assert md_rows(md)[[r["mode"] for r in md_rows(md)].index("manual")]["paired p, Holm"] == "0.0742"
+    assert "adjusted by Holm's method" in md
+    assert "(p 0.074; Holm-adjusted 0.074)" in (out / "report.md").read_text()
+
+
 def test_fewer_than_two_shared_seeds_leave_the_paired_columns_blank_and_say_so(tmp_path, capsys):
     for seed, acc in ((0, 0.80), (1, 0.82)):
         make_run(tmp_path, f"base{seed}", seed=seed, acc=acc)
@@ -804,7 +834,8 @@ def test_findings_open_the_report_with_each_modes_paired_difference(tmp_path, ca
     diff, p, low, high = paired_t(np.array([0.78, 0.81, 0.78]), np.array([0.80, 0.82, 0.81]))
     assert "**resnet20**: FP32 reached 81.00% test accuracy (n = 3).\n- amp (float16)" in text
     assert (f"- manual: 79.00% (n = 3), {100 * diff:+.2f} pp against FP32, 95% CI [{100 * low:+.2f}, "
-            f"{100 * high:+.2f}] paired over 3 seeds; 0 skipped steps on average; peak memory 1.00x FP32's.") in text
+            f"{100 * high:+.2f}] paired over 3 seeds (p {p:.2g}; Holm-adjusted {p:.2g}); 0 skipped steps on average; "
+            "peak memory 1.00x FP32's.") in text  # amp, one seed, is no test: the family is manual's alone
     assert "- amp (float16): 79.00% (n = 1), -2.00 pp against FP32 (one seed: no interval)" in text
 
 
