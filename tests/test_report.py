@@ -728,6 +728,22 @@ def test_lost_updates_figure_draws_what_nearest_rounding_would_lose_beside_stoch
     assert [line.get_ydata().tolist() for line in lost.lines][:2] == [[10, 20, 30], [90, 95, 100]]
 
 
+def test_lost_updates_figure_draws_a_panel_per_weight_precision_and_a_colour_per_kind(tmp_path):
+    for kind, dtype in (("none", "float16"), ("kahan", "float16"), ("none", "bfloat16")):
+        run = make_run(tmp_path, f"{kind}-{dtype}", mode="manual", master_weights=kind, manual_dtype=dtype)
+        steps = pd.read_csv(run / "steps.csv")
+        steps["update_lost_frac"], steps["decay_lost_frac"] = [0.1, None, 0.2, 0.3], None
+        write_csv(run / "steps.csv", steps)
+    fig = lost_updates_figure(group_runs(load_results(tmp_path)[0]))
+    fp16, bf16 = fig.axes[:2]  # the panels, then their learning-rate axes
+    assert (fp16.get_title(), bf16.get_title()) == ("float16 weights", "bfloat16 weights")
+    colours = {line.get_label().split(": ")[0]: line.get_color() for ax in (fp16, bf16) for line in ax.lines}
+    assert colours == {"resnet20 / manual (master_weights=kahan)": "C2", "resnet20 / manual (master_weights=none)": "C3",
+                       "resnet20 / manual (master_weights=none, manual_dtype=bfloat16)": "C3"}  # none is red in both
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["master weights none", "master weights kahan", "updates lost", "learning rate (right axis)"]
+
+
 def test_memory_figure_draws_compensation_and_workspace_only_where_a_group_holds_them(tmp_path):
     make_run(tmp_path, "masters", mode="manual")
     legend = lambda: [t.get_text() for t in memory_figure(group_runs(load_results(tmp_path)[0])).legends[0].texts]

@@ -433,37 +433,64 @@ def fp8_figure(groups: list[Group]):
     return fig
 
 
+MASTER_COLOURS = {"none": "C3", "stochastic": "C0", "kahan": "C2"}  # what replaces FP32 master weights
+LOST_LINES = (("update_lost_frac", "-", "updates lost"), ("decay_lost_frac", ":", "weight decays lost"),
+              ("update_lost_nearest_frac", "-.", "updates nearest rounding would lose"))
+
+
 def lost_updates_figure(groups: list[Group]):
     """Without FP32 master weights: the fraction of nonzero SGD updates and of weight decays that rounding to the
     weights' precision swallowed, per measured step, one line per seed, with the learning rate on a second
     axis (the lost fraction grows as the lr falls); with stochastic rounding or Kahan compensation, what
-    rounding the same updates to nearest would have lost beside it. None when no group measured it."""
+    rounding the same updates to nearest would have lost beside it. One panel per weight precision
+    (``--manual-dtype``), one colour per kind of ``--master-weights`` (per group where a kind repeats in a panel),
+    one line style per fraction. None when no group measured it."""
+    from matplotlib.lines import Line2D
+
     lossy = [g for g in groups if measured(g, "update_lost_frac")]  # --master-weights none, stochastic, kahan
     if not lossy:
         return None
+    panels: dict[str, list[Group]] = {}
+    for g in lossy:
+        panels.setdefault(str(g.setting.get("manual_dtype") or "float16"), []).append(g)
+    kinds = [(dtype, str(g.setting.get("master_weights"))) for dtype, members in panels.items() for g in members]
+    by_kind = len(set(kinds)) == len(kinds) and all(kind in MASTER_COLOURS for _, kind in kinds)
     palette = _palette(groups)
-    fig = _figure(8.0, 4.2)
-    ax = fig.subplots()
-    lr_axis = ax.twinx()
-    lines = (("update_lost_frac", "-", "updates lost"), ("decay_lost_frac", ":", "weight decays lost"),
-             ("update_lost_nearest_frac", "-.", "updates nearest rounding would lose"))
-    for i, g in enumerate(lossy):
-        for k, run in enumerate(r for r in g.runs if r.steps is not None and "update_lost_frac" in r.steps):
-            steps = run.steps.dropna(subset=["update_lost_frac"])
-            for column, style, what in lines:
-                if column in steps and steps[column].notna().any():
-                    ax.plot(steps["step"], 100 * steps[column], color=palette[g.short], lw=1, ls=style,
-                            label=f"{g.title}: {what}" if k == 0 else None)
-            lr_axis.plot(run.steps["step"], run.steps["lr"], color="0.5", lw=0.8, ls="--",
-                         label="learning rate" if i == k == 0 else None)
-    ax.set_ylim(0, 105)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("lost to rounding (% of nonzero)")
-    lr_axis.set_ylabel("learning rate")
-    lr_axis.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    handles = [h for a in (ax, lr_axis) for h in a.get_legend_handles_labels()[0]]
-    fig.legend(handles=handles, fontsize=8, loc="outside lower center")  # one column: the labels are long
+    colour = {g.title: MASTER_COLOURS[str(g.setting.get("master_weights"))] if by_kind else palette[g.short]
+              for g in lossy}
+    fig = _figure(4.8 * len(panels) + 1.2, 4.6)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    lr_axes = [ax.twinx() for ax in axes]
+    styles_drawn = {}
+    for ax, lr_axis, (dtype, members) in zip(axes, lr_axes, panels.items()):
+        for i, g in enumerate(members):
+            for k, run in enumerate(r for r in g.runs if r.steps is not None and "update_lost_frac" in r.steps):
+                steps = run.steps.dropna(subset=["update_lost_frac"])
+                for column, style, what in LOST_LINES:
+                    if column in steps and steps[column].notna().any():
+                        ax.plot(steps["step"], 100 * steps[column], color=colour[g.title], lw=1, ls=style,
+                                alpha=0.8, label=f"{g.title}: {what}" if k == 0 else None)
+                        styles_drawn[style] = what
+                lr_axis.plot(run.steps["step"], run.steps["lr"], color="0.5", lw=0.8, ls="--",
+                             label="learning rate" if i == k == 0 else None)
+        ax.set_title(f"{dtype} weights", fontsize=10)
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        lr_axis.set_ylim(bottom=0)
+    axes[0].set_ylabel("lost to rounding (% of nonzero)")
+    lr_axes[-1].set_ylabel("learning rate")
+    for lr_axis in lr_axes[:-1]:
+        lr_axis.tick_params(labelright=False)
+    if by_kind:  # in MASTER_COLOURS's order: none, then its cures
+        kinds_drawn = {kind for _, kind in kinds}
+        named = {f"master weights {kind}": c for kind, c in MASTER_COLOURS.items() if kind in kinds_drawn}
+    else:
+        named = {g.title: colour[g.title] for g in lossy}
+    handles = [Line2D([], [], color=c, lw=2, label=name) for name, c in named.items()]
+    handles += [Line2D([], [], color="0.3", lw=1, ls=style, label=what) for style, what in styles_drawn.items()]
+    handles.append(Line2D([], [], color="0.5", lw=0.8, ls="--", label="learning rate (right axis)"))
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=2 if by_kind else 1)
     return fig
 
 
@@ -562,7 +589,7 @@ CAPTIONS = {
                         "moved), and with none of nonzero weights whose weight decay alone, w * (1 - lr * wd), "
                         "rounded back to w (dotted); with stochastic and kahan, the percentage that rounding the "
                         "same updates to nearest would have lost (dash-dotted); with the learning rate (dashed, "
-                        "right axis); one line per seed.",
+                        "right axis); one line per seed, one panel per weight precision, one colour per kind.",
     "layer_grads_activation.png": "Per layer (rows, in network order) and measured step (columns), the gradient "
                                   "w.r.t. each Conv2d, BatchNorm and Linear layer's output (--layer-stats-every, "
                                   "mean over seeds): the percentage of elements that are zero as the backward pass "
