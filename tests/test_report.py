@@ -29,7 +29,7 @@ from mixprec.report import (
     make_report,
     time_to_accuracy_figure,
 )
-from mixprec.report.figures import confusion_figure, memory_figure
+from mixprec.report.figures import accuracy_diff_figure, confusion_figure, memory_figure
 from mixprec.report.tables import paired_t
 from mixprec.results import write_csv, write_json
 from mixprec.run import summary
@@ -220,6 +220,35 @@ def test_report_adjusts_each_models_paired_p_values_together_with_holm(tmp_path,
     assert md_rows(md)[[r["mode"] for r in md_rows(md)].index("manual")]["paired p, Holm"] == "0.0742"
     assert "adjusted by Holm's method" in md
     assert "(p 0.074; Holm-adjusted 0.074)" in (out / "report.md").read_text()
+
+
+def test_accuracy_diff_figure_draws_each_difference_with_its_interval_and_cuts_the_two_seed_ones(tmp_path):
+    make_run(tmp_path, "base-only", acc=0.80)
+    assert accuracy_diff_figure(group_runs(load_results(tmp_path)[0])) is None  # nothing to compare with
+    for seed, acc in ((1, 0.82), (2, 0.84)):
+        make_run(tmp_path, f"base{seed}", seed=seed, acc=acc)
+    for seed, acc in enumerate((0.81, 0.85, 0.86)):  # +1, +3, +2 pp: paired +2 [-0.48, +4.48]
+        make_run(tmp_path, f"manual{seed}", mode="manual", seed=seed, acc=acc)
+    for seed, acc in ((0, 0.90), (1, 0.72)):  # +10 and -10 pp: two seeds, an interval of about +-127 pp
+        make_run(tmp_path, f"none{seed}", mode="manual", seed=seed, acc=acc, loss_scale="none")
+    make_run(tmp_path, "amp0", mode="amp", acc=0.79)  # one seed: a point, no interval
+    fig = accuracy_diff_figure(group_runs(load_results(tmp_path)[0]))
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["amp (n = 1)", "manual (n = 3)", "manual (loss_scale=none) (n = 2)"]
+    points = [line for line in ax.lines if line.get_marker() == "o"]
+    # amp: one seed against the mean of FP32's three (82%); manual: paired; none: paired over seeds 0 and 1
+    assert [p.get_xdata()[0] for p in points] == pytest.approx([-3.0, 2.0, 0.0], abs=1e-9)
+    assert [p.get_ydata()[0] for p in points] == [0, 1, 2]
+    assert points[0].get_markerfacecolor() == "white" and points[1].get_markerfacecolor() != "white"
+    half = stats.t.ppf(0.975, 2) / math.sqrt(3)
+    assert ax.get_xlim() == pytest.approx((-1.15 * (2 + half), 1.15 * (2 + half)))  # the 3-seed rows set the span
+    assert sorted(line.get_marker() for line in ax.lines if line.get_marker() in "<>") == ["<", ">"]  # cut: arrows
+    texts = [t.get_text() for t in ax.texts]
+    assert texts[0] == "-3.00" and texts[1] == f"+2.00 [{2 - half:+.2f}, {2 + half:+.2f}]"
+    assert texts[2].startswith("+0.00 [-127.") or texts[2].startswith("-0.00 [-127.")
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["paired by seed (t, n - 1 df)",
+                                                                  "one seed: no interval"]
 
 
 def test_fewer_than_two_shared_seeds_leave_the_paired_columns_blank_and_say_so(tmp_path, capsys):
@@ -608,7 +637,8 @@ def test_report_of_a_real_tiny_study(tiny_cifar, tmp_path, capsys):
     summaries = {s["mode"]: s for s in (json.loads(p.read_text()) for p in tmp_path.glob("runs/*/summary.json"))}
     out, _, _ = report(tmp_path, capsys)
 
-    figures = ["confusion_matrices.png", "curves.png", "time_to_accuracy.png", "loss_scale.png", "memory.png"]
+    figures = ["accuracy_diff.png", "confusion_matrices.png", "curves.png", "time_to_accuracy.png", "loss_scale.png",
+               "memory.png"]
     for name in ["comparison.md", "comparison.csv", "per_class_accuracy.md", "per_class_accuracy.csv", "report.md",
                  *figures]:
         assert (out / name).exists(), name
@@ -738,7 +768,8 @@ def test_lost_updates_figure_draws_a_panel_per_weight_precision_and_a_colour_per
     fp16, bf16 = fig.axes[:2]  # the panels, then their learning-rate axes
     assert (fp16.get_title(), bf16.get_title()) == ("float16 weights", "bfloat16 weights")
     colours = {line.get_label().split(": ")[0]: line.get_color() for ax in (fp16, bf16) for line in ax.lines}
-    assert colours == {"resnet20 / manual (master_weights=kahan)": "C2", "resnet20 / manual (master_weights=none)": "C3",
+    assert colours == {"resnet20 / manual (master_weights=kahan)": "C2",
+                       "resnet20 / manual (master_weights=none)": "C3",
                        "resnet20 / manual (master_weights=none, manual_dtype=bfloat16)": "C3"}  # none is red in both
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["master weights none", "master weights kahan", "updates lost", "learning rate (right axis)"]

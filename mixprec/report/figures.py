@@ -135,6 +135,71 @@ def prediction_flips(run: Run, base: Run) -> dict[str, float] | None:
             "other": float(np.mean(changed & (mine != label) & (theirs != label)))}
 
 
+def _difference(row) -> tuple[float, float, float, str]:
+    """A comparison-table row's accuracy difference from its baseline (pp), its 95% interval and where they come
+    from: the paired t-test when two or more seeds pair, else Welch's, else the one-seed difference alone."""
+    if not pd.isna(row.paired_n) and row.paired_n >= 2 and not pd.isna(row.paired_diff_ci95_low_pp):
+        return row.paired_diff_pp, row.paired_diff_ci95_low_pp, row.paired_diff_ci95_high_pp, "paired"
+    if not pd.isna(row.accuracy_diff_ci95_low_pp):
+        return row.accuracy_diff_pp, row.accuracy_diff_ci95_low_pp, row.accuracy_diff_ci95_high_pp, "welch"
+    return row.accuracy_diff_pp, math.nan, math.nan, "one seed"
+
+
+def accuracy_diff_figure(groups: list[Group]):
+    """A forest plot: each group's test accuracy minus its FP32 baseline's, in pp, a row per group and a panel
+    per model, with its 95% interval (filled: paired by seed; open: Welch's; open without a bar: one seed) and
+    the numbers written beside it. The axis spans the groups with three or more seeds, so that a two-seed
+    interval (t with 1 degree of freedom, several times wider) does not squash the rest; a bar it cuts ends
+    in an arrow. None when no group has a baseline to compare with."""
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
+
+    from .tables import comparison_table
+
+    table = comparison_table(groups)
+    per_model: dict[str, list] = {}
+    for row, g in zip(table.itertuples(), groups):
+        if not pd.isna(row.accuracy_diff_pp):
+            per_model.setdefault(g.model, []).append((g, row.n, *_difference(row)))
+    if not per_model:
+        return None
+    values = [v for rows in per_model.values() for _, n, x, lo, hi, _ in rows if n >= 3 for v in (x, lo, hi)]
+    values += [x for rows in per_model.values() for _, _, x, _, _, _ in rows]
+    values = [abs(v) for v in values if not math.isnan(v)]
+    lim = 1.15 * max(values + [0.5])
+    palette = _palette(groups)
+    fig = _figure(10.5, 0.9 + sum(0.55 + 0.3 * len(rows) for rows in per_model.values()))
+    axes = fig.subplots(len(per_model), 1, squeeze=False, height_ratios=[len(r) + 1.5 for r in per_model.values()])
+    for ax, (model, rows) in zip(axes[:, 0], per_model.items()):
+        beside = blended_transform_factory(ax.transAxes, ax.transData)
+        for y, (g, n, x, lo, hi, source) in enumerate(rows):
+            colour = palette[g.short]
+            face = colour if source == "paired" else "white"
+            if not math.isnan(lo):
+                ax.plot([max(lo, -lim), min(hi, lim)], [y, y], color=colour, lw=1.5)
+                for end, edge, arrow in ((lo, -lim, "<"), (hi, lim, ">")):
+                    if abs(end) > lim and (end < 0) == (edge < 0):
+                        ax.plot(edge, y, marker=arrow, color=colour, ms=6)
+            ax.plot(x, y, marker="o", ms=6, color=colour, mfc=face, ls="none")
+            numbers = f"{x:+.2f}" + ("" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]")
+            ax.text(1.02, y, numbers, transform=beside, va="center", fontsize=8)
+        ax.axvline(0, color="0.3", lw=0.8)
+        ax.set_yticks(range(len(rows)), [f"{g.short} (n = {n})" for g, n, *_ in rows], fontsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_xlim(-lim, lim)
+        ax.set_title(model, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("test accuracy minus FP32's (pp), with its 95% interval")
+    kinds = {r[5] for rows in per_model.values() for r in rows}
+    handles = [Line2D([], [], color="0.3", marker="o", mfc=face, ls="-" if bar else "none", label=label)
+               for kind, face, bar, label in (("paired", "0.3", True, "paired by seed (t, n - 1 df)"),
+                                              ("welch", "white", True, "Welch, unpaired"),
+                                              ("one seed", "white", False, "one seed: no interval"))
+               if kind in kinds]
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=len(handles))
+    return fig
+
+
 def flips_figure(groups: list[Group]):
     """Per group, the share of test images whose prediction differs from FP32's on the same seed (same initial
     weights and batches), stacked by what changed, mean over the paired seeds (dots: each seed's total); beside
@@ -563,6 +628,11 @@ CAPTIONS = {
                                 "class's accuracy gained (blue) or lost (red), the rest the confusions added or "
                                 "removed; one colour scale per model. With few seeds, differences of a few points are "
                                 "within seed noise.",
+    "accuracy_diff.png": "Each mode's test accuracy minus FP32's (same model and settings), in percentage "
+                         "points, with its 95% confidence interval: filled, the paired t-test over the seeds both "
+                         "ran; open, Welch's unpaired test; no bar, one seed. An interval that crosses 0 cannot "
+                         "tell the mode from FP32. The axis spans the modes with three or more seeds; a wider "
+                         "interval it cuts ends in an arrow, and its numbers stand beside it.",
     "prediction_flips.png": "The share of test images whose predicted class differs from FP32's, run against "
                             "FP32 of the same seed (the same initial weights and batches), split into images FP32 "
                             "got right and the mode wrong (red), the reverse (blue), and images both got wrong "
@@ -605,7 +675,7 @@ CAPTIONS = {
 def write_figures(out: Path, groups: list[Group]) -> list[str]:
     """Write the PNGs (dpi 150); return the names written (loss_scale.png only when a group has a scale)."""
     written = []
-    for name, make in (("confusion_matrices.png", confusion_figure),
+    for name, make in (("accuracy_diff.png", accuracy_diff_figure), ("confusion_matrices.png", confusion_figure),
                        ("confusion_difference.png", confusion_difference_figure),
                        ("prediction_flips.png", flips_figure), ("curves.png", curves_figure),
                        ("time_to_accuracy.png", time_to_accuracy_figure), ("loss_scale.png", loss_scale_figure),
