@@ -15,7 +15,7 @@
 # runs are skipped and an interrupted one is resumed. DATA overrides the data path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source experiments/study_common.sh  # PYTHON and DATA
+source experiments/study_common.sh  # PYTHON, DATA and RESNET20_RECIPE (recipe v3, for both models here)
 PART="${1:-all}"
 shift || true
 SEEDS=("$@")
@@ -24,14 +24,13 @@ case "$PART" in
     resnet20|efficientnet_b0|all) ;;
     *) echo "study_cifar10.sh: unknown part '$PART': use resnet20, efficientnet_b0 or all" >&2; exit 2 ;;
 esac
-RECIPE=(--schedule cosine --warmup-epochs 1 --lr 0.2 --nesterov --momentum 0.9 --weight-decay 5e-4
-        --batch-size 64 --label-smoothing 0.1 --crop-padding 2 --test-time-flip)
 COMMON=(--modes baseline amp manual --device cpu --data "$DATA"
         --out results/cifar10-study)
 if [[ "$PART" != efficientnet_b0 ]]; then
-    "$PYTHON" -m mixprec.study --models resnet20 --seeds "${SEEDS[@]}" --epochs 10 "${RECIPE[@]}" "${COMMON[@]}"
+    "$PYTHON" -m mixprec.study --models resnet20 --seeds "${SEEDS[@]}" --epochs 10 "${RESNET20_RECIPE[@]}" \
+        "${COMMON[@]}"
 fi
 if [[ "$PART" != resnet20 ]]; then
-    "$PYTHON" -m mixprec.study --models efficientnet_b0 --seeds 0 --epochs 5 --subset 10000 "${RECIPE[@]}" \
+    "$PYTHON" -m mixprec.study --models efficientnet_b0 --seeds 0 --epochs 5 --subset 10000 "${RESNET20_RECIPE[@]}" \
         "${COMMON[@]}"
 fi

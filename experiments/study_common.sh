@@ -1,8 +1,8 @@
 # Sourced by the study scripts, from the repository root, with the script's arguments: sets PYTHON (default
 # python3: a plain `python` may be absent, or not the one with torch), DATA (default the shared CIFAR-10), and
 # STUDY, the command each variant runs: `python -m mixprec.study`, or with --plan a check that validates every
-# mixprec.run command line and prints it; and RESNET20_RECIPE, the cifar10 study's recipe (v3 in
-# results/README.md), which the ablation study and the efficientnet study's resnet20 control share.
+# mixprec.run command line and prints it; and RESNET20_RECIPE, recipe v3 (results/README.md), which the cifar10
+# study (for both its models), the ablation study and the efficientnet study's resnet20 control share.
 PYTHON="${PYTHON:-python3}"
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"  # the data, for every study
 STUDY=("$PYTHON" -m mixprec.study)

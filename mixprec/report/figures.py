@@ -14,7 +14,7 @@ import pandas as pd
 from ..results import write_figure
 from .groups import Group
 from .runs import UNTIMED, Run, as_float
-from .tables import MIB
+from .tables import MIB, comparison_table, difference_from_baseline
 
 MEMORY_ROLES = ("weights", "master_weights", "grads", "optimizer_state", "activations", "compensation",
                 "update_workspace")  # memory.breakdown's, in the figure's order (runs before a role lack it: 0)
@@ -135,16 +135,6 @@ def prediction_flips(run: Run, base: Run) -> dict[str, float] | None:
             "other": float(np.mean(changed & (mine != label) & (theirs != label)))}
 
 
-def _difference(row) -> tuple[float, float, float, str]:
-    """A comparison-table row's accuracy difference from its baseline (pp), its 95% interval and where they come
-    from: the paired t-test when two or more seeds pair, else Welch's, else the one-seed difference alone."""
-    if not pd.isna(row.paired_n) and row.paired_n >= 2 and not pd.isna(row.paired_diff_ci95_low_pp):
-        return row.paired_diff_pp, row.paired_diff_ci95_low_pp, row.paired_diff_ci95_high_pp, "paired"
-    if not pd.isna(row.accuracy_diff_ci95_low_pp):
-        return row.accuracy_diff_pp, row.accuracy_diff_ci95_low_pp, row.accuracy_diff_ci95_high_pp, "welch"
-    return row.accuracy_diff_pp, math.nan, math.nan, "one seed"
-
-
 def accuracy_diff_figure(groups: list[Group]):
     """A forest plot: each group's test accuracy minus its FP32 baseline's, in pp, a row per group and a panel
     per model, with its 95% interval (filled: paired by seed; open: Welch's; open without a bar: one seed) and
@@ -154,13 +144,11 @@ def accuracy_diff_figure(groups: list[Group]):
     from matplotlib.lines import Line2D
     from matplotlib.transforms import blended_transform_factory
 
-    from .tables import comparison_table
-
     table = comparison_table(groups)
     per_model: dict[str, list] = {}
     for row, g in zip(table.itertuples(), groups):
         if not pd.isna(row.accuracy_diff_pp):
-            per_model.setdefault(g.model, []).append((g, row.n, *_difference(row)))
+            per_model.setdefault(g.model, []).append((g, row.n, *difference_from_baseline(row)))
     if not per_model:
         return None
     values = [v for rows in per_model.values() for _, n, x, lo, hi, _ in rows if n >= 3 for v in (x, lo, hi)]

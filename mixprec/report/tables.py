@@ -226,6 +226,17 @@ def comparison_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
     return markdown_table(shown) + "\n\n" + "\n".join(f"- {note}" for note in comparison_notes(groups)) + "\n"
 
 
+def difference_from_baseline(row) -> tuple[float, float, float, str]:
+    """A comparison-table row's accuracy difference from its baseline (pp), its 95% interval and the test they come
+    from, as the report states them: ``"paired"`` where two or more seeds pair, else ``"welch"`` where Welch's test
+    gives an interval, else ``"one seed"``: the difference alone (NaN too without a baseline)."""
+    if not pd.isna(row.paired_n) and row.paired_n >= 2:
+        return row.paired_diff_pp, row.paired_diff_ci95_low_pp, row.paired_diff_ci95_high_pp, "paired"
+    if not pd.isna(row.accuracy_diff_ci95_low_pp):
+        return row.accuracy_diff_pp, row.accuracy_diff_ci95_low_pp, row.accuracy_diff_ci95_high_pp, "welch"
+    return row.accuracy_diff_pp, math.nan, math.nan, "one seed"
+
+
 def findings_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
     """One generated paragraph per model, before every table: its baseline's accuracy, then a line per other group:
     its difference from it with a 95% interval (paired by seed where at least two seeds pair, else Welch's),
@@ -242,16 +253,15 @@ def findings_markdown(table: pd.DataFrame, groups: list[Group]) -> str:
             if base is not None and g is base[1]:
                 continue
             text = f"{g.short}: {100 * r.test_accuracy_mean:.2f}% (n = {r.n})"
-            if not pd.isna(r.paired_n) and r.paired_n >= 2:
-                interval = _interval(r.paired_diff_ci95_low_pp, r.paired_diff_ci95_high_pp)
-                text += f", {r.paired_diff_pp:+.2f} pp against FP32, 95% CI {interval} paired over {r.paired_n} seeds"
+            diff, low, high, source = difference_from_baseline(r)
+            if source == "paired":
+                text += f", {diff:+.2f} pp against FP32, 95% CI {_interval(low, high)} paired over {r.paired_n} seeds"
                 if _num(r.paired_p, "g"):
                     text += f" (p {r.paired_p:.2g}; Holm-adjusted {r.paired_p_holm:.2g})"
-            elif _num(r.accuracy_diff_ci95_low_pp, "g"):
-                text += (f", {r.accuracy_diff_pp:+.2f} pp against FP32, 95% CI "
-                         f"{_interval(r.accuracy_diff_ci95_low_pp, r.accuracy_diff_ci95_high_pp)} (Welch)")
-            elif _num(r.accuracy_diff_pp, "g"):
-                text += f", {r.accuracy_diff_pp:+.2f} pp against FP32 (one seed: no interval)"
+            elif source == "welch":
+                text += f", {diff:+.2f} pp against FP32, 95% CI {_interval(low, high)} (Welch)"
+            elif _num(diff, "g"):
+                text += f", {diff:+.2f} pp against FP32 (one seed: no interval)"
             if _num(r.skipped_steps_mean, "g"):
                 text += f"; {r.skipped_steps_mean:.3g} skipped steps on average"
             if _num(r.memory_ratio_vs_baseline, "g"):
